@@ -1,0 +1,147 @@
+"""``ProxyLoss``: the base class of every proxy-based loss (validation, dtype policy, groups).
+
+Subclasses implement ``_compute(embeddings, labels) -> (total, terms)`` on validated inputs.
+The base ``forward`` checks the inputs, turns autocast off and computes in at least float32
+(half/bfloat16 inputs are upcast, float64 stays float64), and stores the detached sub-terms
+in ``last_terms`` (always with the key ``"proxy"`` for the total).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nirdml.errors import ConfigError, InputError
+
+#: Proxy learning-rate multiplier used by default for every loss. It matches the NIR release's
+#: ProxyAnchor *baseline* recipe (Adam, base lr 1e-5, proxies x2000 -> 2e-2); the release trains
+#: PA + NIR with x4000. The original papers used other ratios at other base lrs (Kim et al.:
+#: x100 at lr 1e-4), so pass ``proxy_lr_multiplier=`` when following another recipe.
+DEFAULT_PROXY_LR_MULTIPLIER = 2000.0
+
+
+def _autocast_off(device: torch.device):
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except (RuntimeError, ValueError):  # device type without autocast support
+        return contextlib.nullcontext()
+
+
+class ProxyLoss(nn.Module):
+    """Base of proxy losses; ``proxies`` has shape ``(num_classes * k, embedding_dim)``."""
+
+    proxy_lr_multiplier: float = DEFAULT_PROXY_LR_MULTIPLIER
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_dim: int,
+        proxy_lr_multiplier=None,
+        proxies_per_class: int = 1,
+    ):
+        super().__init__()
+        if int(num_classes) < 1 or int(embedding_dim) < 1:
+            raise ConfigError(
+                f"num_classes and embedding_dim must be >= 1, got {num_classes} and {embedding_dim}"
+            )
+        self.num_classes = int(num_classes)
+        self.embedding_dim = int(embedding_dim)
+        self.proxies_per_class = int(proxies_per_class)
+        if proxy_lr_multiplier is not None:
+            self.proxy_lr_multiplier = float(proxy_lr_multiplier)
+        n = self.num_classes * self.proxies_per_class
+        # N(0, 1) / 8, as in the NIR release.
+        self.proxies = nn.Parameter(torch.randn(n, self.embedding_dim) / 8.0)
+        self.last_terms: dict[str, Tensor] = {}
+
+    # ----------------------------------------------------------------- validation
+    def _check_inputs(self, embeddings, labels) -> Tensor:
+        """Raise ``InputError`` on bad inputs; return labels as int64 on the embeddings' device."""
+        if not isinstance(embeddings, Tensor):
+            raise InputError(f"embeddings must be a torch.Tensor, got {type(embeddings).__name__}")
+        if embeddings.ndim != 2:
+            raise InputError(
+                f"embeddings must be 2-D (batch, dim), got shape {tuple(embeddings.shape)}"
+            )
+        if not embeddings.dtype.is_floating_point:
+            raise InputError(f"embeddings must be floating point, got dtype {embeddings.dtype}")
+        if embeddings.shape[1] != self.embedding_dim:
+            raise InputError(
+                f"embedding dim mismatch: embeddings have dim {embeddings.shape[1]} but the loss "
+                f"was built with embedding_dim={self.embedding_dim}"
+            )
+        labels = torch.as_tensor(labels)
+        if labels.ndim != 1 or labels.shape[0] != embeddings.shape[0]:
+            raise InputError(
+                f"labels length mismatch: expected a 1-D tensor of {embeddings.shape[0]} labels "
+                f"(one per embedding), got shape {tuple(labels.shape)}"
+            )
+        if embeddings.shape[0] == 0:
+            raise InputError("empty batch: embeddings and labels have 0 rows")
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise InputError(f"labels must be integer class indices, got dtype {labels.dtype}")
+        labels = labels.to(device=embeddings.device, dtype=torch.long)
+        lo, hi = torch.aminmax(labels)
+        bad_rows = (~torch.isfinite(embeddings).all(dim=1)).sum()
+        lo, hi, bad = torch.stack([lo, hi, bad_rows]).tolist()  # a single device sync
+        if lo < 0 or hi >= self.num_classes:
+            raise InputError(
+                f"labels out of range: min {lo}, max {hi}, but num_classes={self.num_classes} "
+                f"(labels must lie in [0, {self.num_classes}))"
+            )
+        if bad:
+            raise InputError(f"embeddings contain NaN/inf in {bad} of {embeddings.shape[0]} rows")
+        return labels
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        labels = self._check_inputs(embeddings, labels)
+        dtype = torch.promote_types(embeddings.dtype, self.proxies.dtype)
+        if dtype in (torch.float16, torch.bfloat16):
+            dtype = torch.float32
+        with _autocast_off(embeddings.device):
+            total, terms = self._compute(embeddings.to(dtype), labels)
+        self.last_terms = {"proxy": total.detach(), **{k: v.detach() for k, v in terms.items()}}
+        return total
+
+    def _compute(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- helpers
+    def _normalized_proxies(self, dtype: torch.dtype) -> Tensor:
+        return F.normalize(self.proxies.to(dtype), dim=1)
+
+    def _cosine(self, embeddings: Tensor) -> Tensor:
+        """(B, P) cosine similarities between the embeddings and all proxies."""
+        return F.normalize(embeddings, dim=1) @ self._normalized_proxies(embeddings.dtype).t()
+
+    def class_proxies(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """(B, D) L2-normalised proxy of each sample's class (what NIR conditions on)."""
+        labels = self._check_inputs(embeddings, labels)
+        return F.normalize(self.proxies[labels], dim=1)
+
+    def param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict]:
+        """Optimizer groups: proxies at ``lr * proxy_lr_multiplier`` without weight decay."""
+        groups = [
+            {
+                "name": "proxies",
+                "params": [self.proxies],
+                "lr": lr * self.proxy_lr_multiplier,
+                "weight_decay": 0.0,
+            }
+        ]
+        others = [p for p in self.parameters() if p is not self.proxies]
+        if others:
+            groups.append(
+                {"name": "loss_params", "params": others, "lr": lr, "weight_decay": weight_decay}
+            )
+        return groups
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, "
+            f"proxy_lr_multiplier={self.proxy_lr_multiplier:g}"
+        )
