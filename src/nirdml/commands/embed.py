@@ -1,0 +1,28 @@
+"""``nirdml embed``: write the embeddings of a dataset split to an npz file."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "embed a split of a checkpoint's dataset and save embeddings.npz"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint file (e.g. best.pt)")
+    parser.add_argument("--out", required=True, help="output .npz (embeddings, labels, masks)")
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--data-root", default=None,
+                        help="dataset root, if it moved since training")
+
+
+def run(args: argparse.Namespace) -> int:
+    from nirdml.training.inference import embed_checkpoint_split
+
+    emb, cfg = embed_checkpoint_split(args.checkpoint, args.split, args.device, args.batch_size,
+                                      args.data_root)
+    emb.save_npz(args.out)
+    print(f"wrote {emb.embeddings.shape[0]} x {emb.embeddings.shape[1]} embeddings of "
+          f"{cfg.data.name}/{args.split} to {args.out}")
+    return 0

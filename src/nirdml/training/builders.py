@@ -1,0 +1,183 @@
+"""Turn a :class:`Config` into the objects a run needs: data, model, objective, optimiser."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from nirdml.errors import ConfigError
+from nirdml.training.config import Config
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available, else CPU; anything else is passed to torch."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"invalid value for train.device: {name!r} ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is available; use train.device=cpu")
+    return device
+
+
+def build_splits(cfg: Config):
+    """Load the dataset splits named by ``cfg.data`` and attach the matching transforms."""
+    from nirdml.data import build_transforms, load_splits
+
+    splits = load_splits(
+        cfg.data.name,
+        root=cfg.data.root,
+        val_fraction=cfg.data.val_fraction,
+        seed=cfg.seed,
+        on_error=cfg.data.on_error,
+        **cfg.data.options,
+    )
+    splits.train.transform = build_transforms(splits.image_kind, train=True,
+                                              image_size=cfg.data.image_size)
+    for ds in (splits.val, splits.test):
+        if ds is not None:
+            ds.transform = build_transforms(splits.image_kind, train=False,
+                                            image_size=cfg.data.image_size)
+    return splits
+
+
+def build_model(cfg: Config, in_chans: int | None = None) -> nn.Module:
+    """The embedding network named by ``cfg.model``."""
+    from nirdml.models import build_model as _build
+
+    return _build(
+        cfg.model.name,
+        embedding_dim=cfg.model.embedding_dim,
+        pretrained=cfg.model.pretrained,
+        pooling=cfg.model.pooling,
+        freeze_bn=cfg.model.freeze_bn,
+        weights_path=cfg.model.weights_path,
+        in_chans=in_chans,
+        **cfg.model.options,
+    )
+
+
+def build_criterion(cfg: Config, num_classes: int) -> nn.Module:
+    """The proxy loss, wrapped in :class:`NIRLoss` when ``loss.nir.enabled``."""
+    from nirdml.losses import build_loss
+
+    kwargs: dict[str, Any] = dict(cfg.loss.options)
+    if cfg.loss.proxy_lr_multiplier is not None:
+        kwargs["proxy_lr_multiplier"] = cfg.loss.proxy_lr_multiplier
+    base = build_loss(cfg.loss.name, num_classes=num_classes,
+                      embedding_dim=cfg.model.embedding_dim, **kwargs)
+    nir = cfg.loss.nir
+    if not nir.enabled:
+        return base
+    from nirdml.nir import NIRLoss
+
+    return NIRLoss(
+        base,
+        weight=nir.weight,
+        mode=nir.mode,
+        num_blocks=nir.num_blocks,
+        subnet_depth=nir.subnet_depth,
+        subnet_width=nir.subnet_width,
+        clamp=nir.clamp,
+        cond_mode=nir.cond_mode,
+    )
+
+
+def criterion_param_groups(cfg: Config, criterion: nn.Module) -> list[dict[str, Any]]:
+    """Optimiser groups of the objective: proxies (and flow) with their multipliers, no decay."""
+    lr = cfg.optim.lr
+    if cfg.loss.nir.enabled:
+        return criterion.param_groups(lr, flow_lr_multiplier=cfg.loss.nir.flow_lr_multiplier)
+    return criterion.param_groups(lr)
+
+
+def build_optimizer(cfg: Config, model: nn.Module, criterion: nn.Module) -> torch.optim.Optimizer:
+    """Adam/AdamW over backbone, head, proxies and flow, each group with its own lr."""
+    o = cfg.optim
+    groups = [
+        {"name": "backbone", "params": list(model.backbone_parameters()),
+         "lr": o.lr * o.backbone_lr_multiplier, "weight_decay": o.weight_decay},
+        {"name": "head", "params": list(model.head_parameters()),
+         "lr": o.lr, "weight_decay": o.weight_decay},
+        *criterion_param_groups(cfg, criterion),
+    ]
+    groups = [g for g in groups if g["params"]]
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    return cls(groups, lr=o.lr)
+
+
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer):
+    """Per-epoch learning-rate schedule (or ``None``)."""
+    o = cfg.optim
+    if o.scheduler == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=o.milestones,
+                                                    gamma=o.gamma)
+    if o.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.train.epochs)
+    return None
+
+
+@dataclass
+class Embeddings:
+    """Embeddings of one split, with labels and (In-Shop style) query/gallery masks."""
+
+    embeddings: np.ndarray
+    labels: np.ndarray
+    is_query: np.ndarray | None = None
+    is_gallery: np.ndarray | None = None
+
+    def save_npz(self, path) -> None:
+        arrays = {"embeddings": self.embeddings, "labels": self.labels}
+        if self.is_query is not None:
+            arrays["is_query"] = self.is_query
+        if self.is_gallery is not None:
+            arrays["is_gallery"] = self.is_gallery
+        np.savez(path, **arrays)
+
+
+@torch.no_grad()
+def embed_dataset(model: nn.Module, dataset, device: torch.device, batch_size: int = 256,
+                  num_workers: int = 0, amp: str = "none") -> Embeddings:
+    """Embed every sample of ``dataset`` in order (eval mode, no gradients)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                         num_workers=num_workers,
+                                         pin_memory=device.type == "cuda")
+    was_training = model.training
+    model.eval()
+    chunks = []
+    try:
+        for images, _ in loader:
+            images = images.to(device, non_blocking=True)
+            with autocast(device, amp):
+                chunks.append(model(images).float().cpu())
+    finally:
+        model.train(was_training)
+    emb = torch.cat(chunks).numpy() if chunks else np.zeros((0, 1), np.float32)
+    return Embeddings(emb, np.asarray(dataset.labels),
+                      getattr(dataset, "is_query", None), getattr(dataset, "is_gallery", None))
+
+
+def autocast(device: torch.device, amp: str):
+    """Autocast context for ``amp`` in {none, bf16, fp16}; parameters are never cast."""
+    if amp == "none":
+        return torch.autocast(device_type=device.type, enabled=False)
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    if device.type == "cpu" and amp == "fp16":
+        raise ConfigError("train.amp=fp16 needs CUDA; use train.amp=bf16 or none on the CPU")
+    return torch.autocast(device_type=device.type, dtype=dtype)

@@ -1,0 +1,342 @@
+"""Typed, validated run configuration: dataclasses <-> YAML, with dotted CLI overrides.
+
+A run is fully described by one :class:`Config`. It is read from YAML (``Config.from_yaml``),
+changed with ``key.sub=value`` overrides (``Config.with_overrides``) and written back resolved
+(``Config.to_yaml``). Unknown keys and invalid values raise :class:`ConfigError` naming the key and
+what is allowed. Written by hand (rather than with hydra/omegaconf) to keep the core dependency
+free and the error messages ours.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from nirdml.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    """Which dataset, how it is split, batched and loaded."""
+
+    name: str = "cub200"
+    root: str | None = None
+    val_fraction: float = 0.1
+    image_size: int | None = None
+    on_error: Literal["skip", "fail"] = "skip"
+    batch_size: int = 90
+    samples_per_class: int = 2
+    num_workers: int = 0
+    eval_batch_size: int = 256
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    """The embedding network (see ``nirdml.models.build_model``)."""
+
+    name: str = "resnet50"
+    embedding_dim: int = 128
+    pretrained: bool = True
+    pooling: Literal["avg", "max", "double"] = "avg"
+    freeze_bn: bool | None = None
+    weights_path: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class NIRConfig:
+    """The Non-isotropy regulariser and its conditional flow (``nirdml.nir.NIRLoss``)."""
+
+    enabled: bool = True
+    weight: float = 0.0075
+    mode: Literal["release", "paper"] = "release"
+    flow_lr_multiplier: float = 50.0
+    num_blocks: int = 5
+    subnet_depth: int = 8
+    subnet_width: int = 128
+    clamp: float = 2.0
+    cond_mode: Literal["dense", "dense_embed", "dense_embed_multi", "start", "mid", "end"] = "dense"
+
+
+@dataclass
+class LossConfig:
+    """The proxy loss (``nirdml.losses``) and, optionally, NIR around it."""
+
+    name: str = "proxy_anchor"
+    proxy_lr_multiplier: float | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    nir: NIRConfig = field(default_factory=NIRConfig)
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser, schedule, warm-up and clipping."""
+
+    name: Literal["adam", "adamw"] = "adam"
+    lr: float = 1e-5
+    backbone_lr_multiplier: float = 1.0
+    weight_decay: float = 4e-4
+    scheduler: Literal["none", "multistep", "cosine"] = "none"
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.2
+    warmup_epochs: int = 1
+    grad_clip: float | None = None
+
+
+@dataclass
+class TrainConfig:
+    """The loop: epochs, device, precision, model selection, fault tolerance, logging."""
+
+    epochs: int = 100
+    device: str = "auto"
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    eval_every: int = 1
+    select_on: Literal["val", "test", "last"] = "val"
+    selection_metric: str = "recall@1"
+    max_bad_steps: int = 20
+    tensorboard: bool = True
+    wandb: bool = False
+    progress: bool = True
+    deterministic: bool = False
+
+
+@dataclass
+class EvalConfig:
+    """Which metrics the validation and final test evaluations compute."""
+
+    recall_ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    metrics: list[str] = field(
+        default_factory=lambda: ["recall", "map@r", "r_precision", "map@1000", "nmi"]
+    )
+
+
+@dataclass
+class Config:
+    """Everything one training run needs; YAML on disk, overridable from the CLI.
+
+    The defaults are the released NIR recipe (ResNet50, 128-d, ProxyAnchor + NIR, Adam 1e-5,
+    batch 90 of 2 samples per class); the shipped configs in ``nirdml/configs`` override them.
+    """
+
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> Config:
+        cfg = _from_dict(cls, data or {}, prefix="")
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Config:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    def with_overrides(self, overrides: list[str] | None) -> Config:
+        """Return a copy with ``a.b.c=value`` overrides applied (values parsed as YAML)."""
+        data = self.to_dict()
+        for item in overrides or []:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} must look like key.sub=value")
+            key, raw = item.split("=", 1)
+            key = key.strip()
+            try:
+                value = yaml.safe_load(raw) if raw.strip() else None
+            except yaml.YAMLError:
+                value = raw
+            node = data
+            parts = key.split(".")
+            for i, part in enumerate(parts[:-1]):
+                if not isinstance(node, dict) or part not in node:
+                    raise ConfigError(_unknown_key(".".join(parts[: i + 1]), node))
+                node = node[part]
+            last = parts[-1]
+            is_free_mapping = isinstance(node, dict) and len(parts) >= 2 and parts[-2] == "options"
+            if not isinstance(node, dict) or (last not in node and not is_free_mapping):
+                raise ConfigError(_unknown_key(key, node))
+            node[last] = value
+        return Config.from_dict(data)
+
+    # ---- validation ---------------------------------------------------------------------
+    def validate(self) -> None:
+        """Check value ranges that types alone cannot express."""
+        checks = [
+            (self.data.batch_size > 0, "data.batch_size", "a positive integer"),
+            (self.data.samples_per_class > 0, "data.samples_per_class", "a positive integer"),
+            (
+                self.data.batch_size % self.data.samples_per_class == 0,
+                "data.batch_size",
+                f"a multiple of data.samples_per_class ({self.data.samples_per_class})",
+            ),
+            (0.0 <= self.data.val_fraction < 1.0, "data.val_fraction", "in [0, 1)"),
+            (self.data.num_workers >= 0, "data.num_workers", ">= 0"),
+            (self.model.embedding_dim >= 2, "model.embedding_dim", ">= 2"),
+            (self.loss.nir.weight >= 0, "loss.nir.weight", ">= 0"),
+            (self.optim.lr > 0, "optim.lr", "> 0"),
+            (self.optim.weight_decay >= 0, "optim.weight_decay", ">= 0"),
+            (self.optim.warmup_epochs >= 0, "optim.warmup_epochs", ">= 0"),
+            (
+                self.optim.grad_clip is None or self.optim.grad_clip > 0,
+                "optim.grad_clip",
+                "> 0 or null",
+            ),
+            (self.train.epochs >= 1, "train.epochs", ">= 1"),
+            (self.train.eval_every >= 1, "train.eval_every", ">= 1"),
+            (self.train.max_bad_steps >= 1, "train.max_bad_steps", ">= 1"),
+            (all(k >= 1 for k in self.eval.recall_ks), "eval.recall_ks", "integers >= 1"),
+        ]
+        for ok, key, allowed in checks:
+            if not ok:
+                raise ConfigError(f"invalid value for {key}: must be {allowed}")
+        if self.optim.scheduler == "multistep" and not self.optim.milestones:
+            raise ConfigError("optim.milestones must list epochs when optim.scheduler=multistep")
+        from nirdml.losses import LOSSES  # late: keeps config importable on its own
+
+        if self.loss.name not in LOSSES:
+            raise ConfigError(
+                f"invalid value for loss.name: {self.loss.name!r}; "
+                f"allowed: {', '.join(LOSSES.names())}"
+            )
+
+
+# ---- dict <-> dataclass helpers -------------------------------------------------------------
+def _unknown_key(key: str, node: Any) -> str:
+    allowed = ", ".join(sorted(node)) if isinstance(node, dict) else "(not a section)"
+    return f"unknown config key {key!r}; allowed keys here: {allowed}"
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'!r} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            allowed = ", ".join(sorted(names))
+            raise ConfigError(f"unknown config key {prefix + key!r}; allowed keys here: {allowed}")
+    kwargs = {}
+    for key, value in data.items():
+        kwargs[key] = _coerce(hints[key], value, prefix + key)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value if value is not None else {}, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise errors[0] if len(errors) == 1 else ConfigError(
+            f"invalid value for {key}: {value!r} (expected {_type_name(tp)})"
+        )
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(
+                f"invalid value for {key}: {value!r}; allowed values: "
+                + ", ".join(repr(a) for a in allowed)
+            )
+        return value
+    if origin is list:
+        (item_tp,) = get_args(tp)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            value = [value]
+        return [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"invalid value for {key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"invalid value for {key}: {value!r} (expected true or false)")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"invalid value for {key}: {value!r} (expected an integer)")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"invalid value for {key}: {value!r} (expected a number)")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"invalid value for {key}: {value!r} (expected a string)")
+    raise ConfigError(f"invalid value for {key}: unsupported type {tp}")
+
+
+def _type_name(tp: Any) -> str:
+    return " or ".join(
+        "null" if a is type(None) else getattr(a, "__name__", str(a)) for a in get_args(tp)
+    )
+
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def available_configs() -> list[str]:
+    """Names of the configs shipped with the package (``nirdml/configs/*.yaml``)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_config(name_or_path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file, or a shipped config by name (``"digits"``), then apply overrides."""
+    path = Path(name_or_path)
+    if not path.suffix and not path.exists():
+        shipped = CONFIG_DIR / f"{name_or_path}.yaml"
+        if not shipped.is_file():
+            raise ConfigError(
+                f"no config file {str(name_or_path)!r} and no shipped config of that name; "
+                f"shipped: {', '.join(available_configs())}"
+            )
+        path = shipped
+    return Config.from_yaml(path).with_overrides(overrides)

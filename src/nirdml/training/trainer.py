@@ -1,0 +1,434 @@
+"""The training loop: epochs of class-balanced batches, validation, selection, final test.
+
+Everything a run produces lands in one output folder::
+
+    OUT/config.yaml            the resolved configuration
+    OUT/metrics.jsonl          one JSON line per epoch (loss terms, lr, throughput, validation)
+    OUT/checkpoints/last.pt    model, proxies, flow, optimiser, scheduler, sampler and RNG state
+    OUT/checkpoints/best.pt    the checkpoint selected on the validation classes
+    OUT/final.json             test metrics of the selected checkpoint
+    OUT/tensorboard/           TensorBoard event files
+
+Faults: a non-finite loss or gradient skips the step (counted); ``max_bad_steps`` of them in a
+row stop the run with a message. SIGINT/SIGTERM finish the current step, write ``last.pt``
+(with the position inside the epoch) and exit; ``resume=True`` continues exactly from there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import sys
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nirdml.errors import ConfigError, NirdmlError, TrainingError
+from nirdml.training import builders
+from nirdml.training.checkpoint import load_checkpoint, save_checkpoint
+from nirdml.training.config import Config, load_config
+from nirdml.training.distributed import DistContext
+
+
+class Interrupted(NirdmlError):
+    """Training stopped on SIGINT/SIGTERM after writing a resumable checkpoint."""
+
+
+class Trainer:
+    """Runs one configured training job into ``out_dir`` (see the module docstring)."""
+
+    def __init__(self, config: Config, out_dir: str | Path, resume: bool = False,
+                 dist: DistContext | None = None):
+        self.cfg = config
+        self.out = Path(out_dir)
+        self.dist = dist or DistContext.from_env()
+        self.resume = resume
+        self._stop_signal: int | None = None
+        self.device = self.dist.device if self.dist.enabled else builders.resolve_device(
+            config.train.device)
+        if self.device.type != "cuda" and config.train.amp == "fp16":
+            raise ConfigError("train.amp=fp16 needs CUDA; use train.amp=bf16 or none on the CPU")
+        self._prepare_output()
+        builders.seed_everything(config.seed)
+        if config.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+
+        self.splits = builders.build_splits(config)
+        in_chans = self.splits.train[0][0].shape[0]
+        self.model = builders.build_model(config, in_chans=in_chans).to(self.device)
+        self.criterion = builders.build_criterion(config, self.splits.train.num_classes).to(
+            self.device)
+        self.optimizer = builders.build_optimizer(config, self.model, self.criterion)
+        self.scheduler = builders.build_scheduler(config, self.optimizer)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=config.train.amp == "fp16")
+        from nirdml.data import ClassBalancedBatchSampler
+
+        self.sampler = ClassBalancedBatchSampler(
+            self.splits.train.labels, config.data.batch_size, config.data.samples_per_class,
+            seed=config.seed, num_replicas=self.dist.world_size, rank=self.dist.rank)
+        self.train_model = self.dist.wrap_model(self.model)
+        self.train_criterion = self.dist.wrap_criterion(self.criterion)
+
+        self.epoch = 0  # epochs completed
+        self.batch_in_epoch = 0  # batches of the current epoch already done (mid-epoch resume)
+        self.global_step = 0
+        self.best_score = -math.inf
+        self.best_epoch: int | None = None
+        self.bad_steps_total = 0
+        self._writer = None
+        if resume:
+            self._load_resume_state()
+
+    # ---- public ---------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Train the remaining epochs, then evaluate the selected checkpoint on the test split."""
+        with self._signal_handlers():
+            while self.epoch < self.cfg.train.epochs:
+                record = self._train_one_epoch()
+                self.epoch += 1
+                self.batch_in_epoch = 0
+                if self.scheduler is not None:
+                    self.scheduler.step()
+                last = self.epoch == self.cfg.train.epochs
+                if self.epoch % self.cfg.train.eval_every == 0 or last:
+                    record.update(self._validate())
+                self._log_epoch(record)
+                self._save("last.pt")
+        final = self._final_test()
+        if self._writer is not None:
+            self._writer.close()
+        return final
+
+    # ---- one epoch ------------------------------------------------------------------------
+    def _train_one_epoch(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self.model.train()
+        self.criterion.train()
+        self.model.freeze_backbone(self.epoch < cfg.optim.warmup_epochs)
+        self.sampler.set_epoch(self.epoch)
+        loader = torch.utils.data.DataLoader(
+            self.splits.train, batch_sampler=self.sampler.from_batch(self.batch_in_epoch),
+            num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda",
+            persistent_workers=False)
+        sums: dict[str, float] = {}
+        steps = images = bad_in_row = bad = 0
+        start = time.perf_counter()
+        progress = self._progress(len(self.sampler) - self.batch_in_epoch)
+        for x, y in loader:
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            ok = self._step(x, y)
+            self.batch_in_epoch += 1
+            if ok:
+                bad_in_row = 0
+                steps += 1
+                images += x.shape[0] * self.dist.world_size
+                for k, v in self.criterion.last_terms.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                self.global_step += 1
+            else:
+                bad += 1
+                bad_in_row += 1
+                self.bad_steps_total += 1
+                if bad_in_row >= cfg.train.max_bad_steps:
+                    self._save("last.pt")
+                    raise TrainingError(
+                        f"{bad_in_row} consecutive steps had a non-finite loss or gradient "
+                        f"(epoch {self.epoch + 1}). Likely causes: a learning rate too high "
+                        f"(optim.lr={cfg.optim.lr}) or NIR weight/flow lr too high "
+                        f"(loss.nir.weight={cfg.loss.nir.weight}, "
+                        f"loss.nir.flow_lr_multiplier={cfg.loss.nir.flow_lr_multiplier}). "
+                        f"Last good state: {self.out / 'checkpoints' / 'last.pt'}")
+            if progress is not None:
+                elapsed = max(time.perf_counter() - start, 1e-9)
+                progress.set_postfix({k: f"{v / max(steps, 1):.4f}" for k, v in sums.items()}
+                                     | {"img/s": f"{images / elapsed:.0f}"})
+                progress.update(1)
+            if self._stop_signal is not None:
+                if progress is not None:
+                    progress.close()
+                self._save("last.pt")
+                raise Interrupted(
+                    f"stopped by signal {self._stop_signal} in epoch {self.epoch + 1}; state saved "
+                    f"to {self.out / 'checkpoints' / 'last.pt'}; continue with --resume")
+        if progress is not None:
+            progress.close()
+        seconds = time.perf_counter() - start
+        record = {"epoch": self.epoch + 1, "step": self.global_step}
+        record.update({f"train/{k}": v / max(steps, 1) for k, v in sums.items()})
+        record.update({
+            "train/bad_steps": bad,
+            "time/epoch_s": seconds,
+            "time/images_per_s": images / max(seconds, 1e-9),
+            "lr": self.optimizer.param_groups[0]["lr"],
+        })
+        bad_samples = getattr(self.splits.train, "bad_samples", 0)
+        if bad_samples:
+            record["data/bad_samples"] = bad_samples
+        return record
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> bool:
+        """One optimisation step; returns False (and changes nothing) if it was non-finite."""
+        cfg = self.cfg
+        self.optimizer.zero_grad(set_to_none=True)
+        with builders.autocast(self.device, cfg.train.amp):
+            emb = self.train_model(x)
+        loss = self.train_criterion(emb.float(), y)
+        if not torch.isfinite(loss).item():
+            return False
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if cfg.optim.grad_clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+        else:
+            norm = torch.norm(torch.stack([p.grad.detach().norm() for p in params
+                                           if p.grad is not None]))
+        if not torch.isfinite(norm).item():
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler.is_enabled():
+                self.scaler.update()
+            return False
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return True
+
+    # ---- validation, selection, final test ---------------------------------------------
+    def _evaluate(self, dataset) -> dict[str, float]:
+        from nirdml.evaluation import evaluate
+
+        emb = self.dist.gather_embeddings(builders.embed_dataset(
+            self.model, self.dist.shard_dataset(dataset), self.device,
+            batch_size=self.cfg.data.eval_batch_size, num_workers=self.cfg.data.num_workers,
+            amp=self.cfg.train.amp), len(dataset))
+        if not self.dist.is_main:
+            return {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return evaluate(emb.embeddings, emb.labels, metrics=self.cfg.eval.metrics,
+                            query_mask=emb.is_query, gallery_mask=emb.is_gallery,
+                            recall_ks=tuple(self.cfg.eval.recall_ks))
+
+    def _selection_split(self) -> str:
+        select = self.cfg.train.select_on
+        if select == "val" and self.splits.val is None:
+            return "last"
+        return select
+
+    def _validate(self) -> dict[str, Any]:
+        select = self._selection_split()
+        record: dict[str, Any] = {}
+        if self.splits.val is not None:
+            record.update({f"val/{k}": v for k, v in self._evaluate(self.splits.val).items()})
+        if select == "test":
+            record.update({f"test/{k}": v for k, v in self._evaluate(self.splits.test).items()})
+        if select == "last":
+            score = float(self.epoch)
+        else:
+            key = f"{select}/{self.cfg.train.selection_metric}"
+            if self.dist.is_main and key not in record:
+                raise ConfigError(
+                    f"invalid value for train.selection_metric: "
+                    f"{self.cfg.train.selection_metric!r}; computed metrics: "
+                    + ", ".join(k.split("/", 1)[1] for k in record if k.startswith(select)))
+            score = self.dist.broadcast_float(record.get(key, 0.0))
+        if score > self.best_score:
+            self.best_score, self.best_epoch = score, self.epoch
+            self._save("best.pt")
+        record["selected_epoch"] = self.best_epoch
+        return record
+
+    def _final_test(self) -> dict[str, Any]:
+        best = self.out / "checkpoints" / "best.pt"
+        if best.exists():
+            state = load_checkpoint(best, map_location=self.device)
+            self.model.load_state_dict(state["model"])
+        metrics = self._evaluate(self.splits.test)
+        select = self._selection_split()
+        final = dict(metrics)
+        final.update({
+            "selected_epoch": self.best_epoch,
+            "selected_on": {
+                "val": "validation classes (held out from the training classes)",
+                "test": "TEST classes: the release's protocol, optimistic, not a clean result",
+                "last": "last epoch (no validation split)",
+            }[select],
+            "dataset": self.cfg.data.name,
+            "split": "test",
+        })
+        if self.dist.is_main:
+            _atomic_write_text(self.out / "final.json", json.dumps(final, indent=2) + "\n")
+        return final
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.cfg.to_dict(),
+            "model": self.model.state_dict(),
+            "criterion": self.criterion.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "global_step": self.global_step,
+            "best_score": self.best_score,
+            "best_epoch": self.best_epoch,
+            "bad_steps_total": self.bad_steps_total,
+            "num_classes": self.splits.train.num_classes,
+            "in_chans": self.splits.train[0][0].shape[0],
+            "image_kind": self.splits.image_kind,
+            "world_size": self.dist.world_size,
+            "rng": _rng_state(),
+        }
+
+    def _save(self, name: str) -> None:
+        if self.dist.is_main:
+            save_checkpoint(self.state_dict(), self.out / "checkpoints" / name)
+        self.dist.barrier()
+
+    def _load_resume_state(self) -> None:
+        path = self.out / "checkpoints" / "last.pt"
+        state = load_checkpoint(path, map_location=self.device)
+        self.model.load_state_dict(state["model"])
+        self.criterion.load_state_dict(state["criterion"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch = state["epoch"]
+        self.batch_in_epoch = state["batch_in_epoch"]
+        self.global_step = state["global_step"]
+        self.best_score = state["best_score"]
+        self.best_epoch = state["best_epoch"]
+        self.bad_steps_total = state["bad_steps_total"]
+        # the sampler's global batch order depends only on seed and epoch, so a checkpoint
+        # written by N ranks resumes on M ranks at the same global batch
+        _set_rng_state(state["rng"])
+
+    # ---- output, logging, signals ---------------------------------------------------------
+    def _prepare_output(self) -> None:
+        if not self.dist.is_main:
+            return
+        try:
+            (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
+            probe = self.out / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError(
+                f"output directory {str(self.out)!r} is not writable ({exc.strerror}); "
+                f"choose another with --out") from None
+        if not self.resume and (self.out / "checkpoints" / "last.pt").exists():
+            raise ConfigError(
+                f"{str(self.out)!r} already holds a run; continue it with --resume or choose "
+                f"a new --out")
+        if self.resume and not (self.out / "checkpoints" / "last.pt").exists():
+            raise ConfigError(f"--resume: no checkpoint in {str(self.out / 'checkpoints')!r}")
+        self.cfg.to_yaml(self.out / "config.yaml")
+
+    def _progress(self, total: int):
+        if not (self.cfg.train.progress and self.dist.is_main):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=f"epoch {self.epoch + 1}/{self.cfg.train.epochs}",
+                    leave=False, dynamic_ncols=True, file=sys.stderr)
+
+    def _log_epoch(self, record: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
+        record["time/wall"] = time.time()
+        with open(self.out / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        writer = self._tensorboard()
+        if writer is not None:
+            for k, v in record.items():
+                if isinstance(v, int | float) and k not in ("epoch", "time/wall"):
+                    writer.add_scalar(k, v, self.epoch)
+            writer.flush()
+        if self.cfg.train.progress:
+            shown = {k: v for k, v in record.items() if k.startswith(("train/", "val/recall@1",
+                                                                       "val/map@r", "test/"))}
+            text = "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                             for k, v in shown.items())
+            speed = f"{record['time/epoch_s']:.1f}s, {record['time/images_per_s']:.0f} img/s"
+            print(f"epoch {self.epoch}/{self.cfg.train.epochs} ({speed}) {text}", file=sys.stderr)
+
+    def _tensorboard(self):
+        if not self.cfg.train.tensorboard:
+            return None
+        if self._writer is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard not installed: skip silently
+                self.cfg.train.tensorboard = False
+                return None
+            self._writer = SummaryWriter(str(self.out / "tensorboard"))
+        return self._writer
+
+    @contextmanager
+    def _signal_handlers(self):
+        def handler(signum, frame):
+            if self._stop_signal is not None:  # second signal: stop now
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread
+                pass
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def train(config: Config | dict | str | Path | None = None, out_dir: str | Path = "runs/nirdml",
+          resume: bool = False, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Train from a Config, a dict, a YAML path or a shipped config name; return test metrics.
+
+    ``config=None`` is the offline default (``"digits"``: ProxyAnchor + NIR on sklearn digits).
+
+    >>> from nirdml.training import train
+    >>> final = train("digits", out_dir="runs/d", overrides=["train.epochs=5"])  # doctest: +SKIP
+    """
+    if isinstance(config, Config):
+        cfg = config.with_overrides(overrides)
+    elif isinstance(config, dict):
+        cfg = Config.from_dict(config).with_overrides(overrides)
+    else:
+        cfg = load_config(config or "digits", overrides)
+    return Trainer(cfg, out_dir, resume=resume).fit()
