@@ -1,0 +1,39 @@
+"""``nirdml analyze``: structure diagnostics (rho, pi_density, sigma2_kappa, G2) and figures."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "structure diagnostics and figures of a checkpoint's or an npz file's embeddings"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a checkpoint file (e.g. best.pt); its split is embedded")
+    src.add_argument("--embeddings", help="an .npz with 'embeddings' (N, D) and 'labels' (N,)")
+    parser.add_argument("--out", required=True, help="output folder (analysis.json, *.png)")
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"],
+                        help="split to embed (with --checkpoint)")
+    parser.add_argument("--no-plots", action="store_true", help="write analysis.json only")
+    parser.add_argument("--flow-classes", type=int, default=4,
+                        help="training classes whose flow samples are drawn (NIR checkpoints; "
+                             "0 = none)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--data-root", default=None, help="dataset root, if it moved")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every subsample")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from nirdml.analysis import analyze, format_table
+
+    result = analyze(embeddings=args.embeddings, checkpoint=args.checkpoint, out_dir=args.out,
+                     split=args.split, flow_classes=args.flow_classes, plots=not args.no_plots,
+                     device=args.device, batch_size=args.batch_size, data_root=args.data_root,
+                     seed=args.seed)
+    print(format_table(result))
+    written = ["analysis.json"] + [Path(p).name for p in result["plots"].values()]
+    print(f"wrote {', '.join(written)} to {args.out}")
+    return 0
