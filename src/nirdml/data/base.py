@@ -1,0 +1,326 @@
+"""Core dataset types: :class:`LabeledDataset` and :class:`Splits`.
+
+Every split holds contiguous labels ``0..C-1`` and ``class_names`` mapping each label back to the
+original class id or name. Unreadable images follow ``on_error``: ``"fail"`` raises
+:class:`~nirdml.errors.DatasetError` naming the file; ``"skip"`` substitutes another readable
+sample of the same class, counts the bad sample in ``bad_samples`` and warns once.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from nirdml.errors import ConfigError, DatasetError
+
+ON_ERROR = ("skip", "fail")
+IMAGE_KINDS = ("rgb", "gray_small")
+
+# What a broken/truncated/missing image file raises while PIL opens and decodes it.
+_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+def _class_sort_key(key: Any) -> tuple:
+    """Integers sort numerically and before strings; strings sort lexicographically."""
+    if isinstance(key, int | np.integer):
+        return (0, int(key), "")
+    return (1, 0, str(key))
+
+
+def encode_labels(keys: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:
+    """Map original class keys to contiguous int64 labels; returns ``(labels, class_names)``.
+
+    Classes are numbered in sorted order of their keys (integers numerically), so label ``k``
+    is ``class_names[k]``.
+    """
+    keys = list(keys)
+    class_names = sorted(set(keys), key=_class_sort_key)
+    index = {k: i for i, k in enumerate(class_names)}
+    labels = np.fromiter((index[k] for k in keys), dtype=np.int64, count=len(keys))
+    return labels, class_names
+
+
+def to_float_tensor(image: Any) -> torch.Tensor:
+    """Default transform: PIL image or tensor -> float32 ``C x H x W`` in ``[0, 1]``."""
+    if isinstance(image, Image.Image):
+        array = np.asarray(image)
+        tensor = torch.from_numpy(array.copy())
+        tensor = tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
+    else:
+        tensor = torch.as_tensor(image)
+        if tensor.ndim == 2:
+            tensor = tensor[None]
+    if tensor.dtype == torch.uint8:
+        return tensor.to(torch.float32).div_(255.0)
+    return tensor.to(torch.float32)
+
+
+class LabeledDataset(torch.utils.data.Dataset):
+    """A labelled split: ``dataset[i] -> (image tensor C x H x W float32, int label)``.
+
+    Attributes: ``labels`` (int64 numpy, contiguous ``0..C-1``), ``class_names`` (label ->
+    original class id/name), ``num_classes``, ``is_query``/``is_gallery`` (bool numpy or
+    ``None``; set for query/gallery benchmarks such as In-Shop), ``paths`` (list of file paths or
+    ``None`` for in-memory data), ``transform`` (settable; ``None`` means
+    :func:`to_float_tensor`), ``bad_samples`` (unreadable samples met so far) and ``bad_paths``.
+
+    With a ``DataLoader`` and ``num_workers > 0`` every worker process has its own copy of the
+    dataset, so ``bad_samples``/``bad_paths`` (and the one-time warning) are per worker process;
+    the copy in the main process only counts what the main process itself read.
+
+    Subclasses implement :meth:`_read` (raw image: a PIL image or a ``C x H x W`` tensor),
+    :meth:`_describe` and :meth:`_take`.
+    """
+
+    def __init__(self, class_keys: Sequence[Any], *, transform: Callable | None = None,
+                 on_error: str = "skip", is_query: Sequence[bool] | None = None,
+                 is_gallery: Sequence[bool] | None = None, name: str = ""):
+        if on_error not in ON_ERROR:
+            raise ConfigError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        self.labels, self.class_names = encode_labels(class_keys)
+        self.transform = transform
+        self.on_error = on_error
+        self.name = name
+        self.is_query = None if is_query is None else np.asarray(is_query, dtype=bool)
+        self.is_gallery = None if is_gallery is None else np.asarray(is_gallery, dtype=bool)
+        for mask_name, mask in (("is_query", self.is_query), ("is_gallery", self.is_gallery)):
+            if mask is not None and mask.shape != self.labels.shape:
+                raise DatasetError(f"{name}: {mask_name} has {mask.size} entries for "
+                                   f"{self.labels.size} samples")
+        self._reset_counters()
+
+    # ---- storage hooks ---------------------------------------------------------------------
+    def _read(self, i: int) -> Any:
+        raise NotImplementedError
+
+    def _describe(self, i: int) -> str:
+        return f"sample {i}"
+
+    def _take(self, indices: np.ndarray) -> None:
+        """Restrict the storage to ``indices`` (called on a shallow copy by :meth:`select`)."""
+        raise NotImplementedError
+
+    # ---- public ----------------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def paths(self) -> list[str] | None:
+        return None
+
+    def __len__(self) -> int:
+        return int(self.labels.size)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        i = int(i)
+        if i < 0:
+            i += len(self)
+        image = self._read_checked(i)
+        transform = self.transform if self.transform is not None else to_float_tensor
+        return transform(image), int(self.labels[i])
+
+    def select(self, indices: Sequence[int] | np.ndarray, name: str | None = None
+               ) -> LabeledDataset:
+        """A new dataset of the samples ``indices``, labels renumbered contiguously.
+
+        Classes keep their relative order (``class_names`` of the subset is a sub-list).
+        """
+        idx = np.asarray(indices, dtype=np.int64)
+        out = copy.copy(self)
+        old = self.labels[idx]
+        kept = np.unique(old)
+        out.labels = np.searchsorted(kept, old).astype(np.int64)
+        out.class_names = [self.class_names[k] for k in kept]
+        out.is_query = None if self.is_query is None else self.is_query[idx]
+        out.is_gallery = None if self.is_gallery is None else self.is_gallery[idx]
+        out.name = self.name if name is None else name
+        out._take(idx)
+        out._reset_counters()
+        return out
+
+    def class_counts(self) -> np.ndarray:
+        return np.bincount(self.labels, minlength=self.num_classes)
+
+    def __repr__(self) -> str:
+        extra = "" if self.is_query is None else f", queries={int(self.is_query.sum())}"
+        return (f"{type(self).__name__}(name={self.name!r}, samples={len(self)}, "
+                f"classes={self.num_classes}{extra})")
+
+    # ---- unreadable images -------------------------------------------------------------------
+    def _reset_counters(self) -> None:
+        self.bad_samples = 0
+        self.bad_paths: list[str] = []
+        self._bad: set[int] = set()
+        self._warned = False
+        self._by_class: list[np.ndarray] | None = None
+
+    def _read_checked(self, i: int) -> Any:
+        if i not in self._bad:
+            try:
+                return self._read(i)
+            except _READ_ERRORS as exc:
+                self._mark_bad(i, exc)
+        # skip policy: another readable sample of the same class, searched from i onwards
+        if self._by_class is None:
+            order = np.argsort(self.labels, kind="stable")
+            bounds = np.cumsum(np.bincount(self.labels, minlength=self.num_classes))[:-1]
+            self._by_class = np.split(order, bounds)
+        members = self._by_class[int(self.labels[i])]
+        start = int(np.searchsorted(members, i))
+        for j in np.roll(members, -start):
+            j = int(j)
+            if j == i or j in self._bad:
+                continue
+            try:
+                return self._read(j)
+            except _READ_ERRORS as exc:
+                self._mark_bad(j, exc)
+        raise DatasetError(
+            f"{self.name}: every image of class {self.class_names[int(self.labels[i])]!r} is "
+            f"unreadable (first: {self._describe(i)}); fix or remove these files")
+
+    def _mark_bad(self, i: int, exc: BaseException) -> None:
+        where = self._describe(i)
+        if self.on_error == "fail":
+            raise DatasetError(f"{self.name}: cannot read image {where}: {exc} "
+                               f"(use on_error='skip' to substitute unreadable images)") from exc
+        self._bad.add(i)
+        self.bad_samples += 1
+        self.bad_paths.append(where)
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"{self.name}: cannot read image {where} ({exc}); using another image of the "
+                f"same class instead. Further unreadable images are counted in bad_samples "
+                f"without warning.", RuntimeWarning, stacklevel=3)
+
+
+class FileDataset(LabeledDataset):
+    """Images stored as files; read with PIL and converted to ``mode`` (``"RGB"`` or ``"L"``).
+
+    ``invert=True`` inverts grey values after conversion (Omniglot PNGs: ink becomes bright).
+    """
+
+    def __init__(self, paths: Sequence[str | Path], class_keys: Sequence[Any], *,
+                 mode: str = "RGB", invert: bool = False, **kwargs: Any):
+        self._paths = [str(p) for p in paths]
+        if len(self._paths) != len(class_keys):
+            raise DatasetError(f"{len(self._paths)} paths for {len(class_keys)} labels")
+        self.mode = mode
+        self.invert = invert
+        super().__init__(class_keys, **kwargs)
+
+    @property
+    def paths(self) -> list[str]:
+        return self._paths
+
+    def _read(self, i: int) -> Image.Image:
+        with Image.open(self._paths[i]) as image:
+            image = image.convert(self.mode)  # decodes the whole file (truncation raises here)
+        return ImageOps.invert(image) if self.invert else image
+
+    def _describe(self, i: int) -> str:
+        return self._paths[i]
+
+    def _take(self, indices: np.ndarray) -> None:
+        self._paths = [self._paths[j] for j in indices]
+
+
+class ArrayDataset(LabeledDataset):
+    """Images held in memory: ``images`` is ``N x H x W`` or ``N x C x H x W`` (any dtype).
+
+    ``dataset[i]`` hands the transform a tensor ``C x H x W`` (uint8 images are scaled to
+    ``[0, 1]`` by the default transform; float images are taken as they are). ``convert``
+    (a picklable function ``ndarray -> ndarray``) is applied to one image on reading, which
+    lets large arrays stay in their compact stored form. Subsets share the array (no copy).
+    """
+
+    def __init__(self, images: np.ndarray, class_keys: Sequence[Any], *,
+                 convert: Callable[[np.ndarray], np.ndarray] | None = None, **kwargs: Any):
+        if images.ndim not in (3, 4) or len(images) != len(class_keys):
+            raise DatasetError(f"expected images N x H x W or N x C x H x W for "
+                               f"{len(class_keys)} labels, got shape {images.shape}")
+        self._images = images
+        self._rows = np.arange(len(images), dtype=np.int64)
+        self.convert = convert
+        super().__init__(class_keys, **kwargs)
+
+    def _read(self, i: int) -> torch.Tensor:
+        array = self._images[self._rows[i]]
+        if self.convert is not None:
+            array = self.convert(array)
+        tensor = torch.from_numpy(np.array(array, copy=True))
+        return tensor[None] if tensor.ndim == 2 else tensor
+
+    def _describe(self, i: int) -> str:
+        return f"array row {int(self._rows[i])}"
+
+    def _take(self, indices: np.ndarray) -> None:
+        self._rows = self._rows[indices]
+
+
+@dataclass
+class Splits:
+    """The splits of one dataset: class-disjoint ``train``/``val``/``test``.
+
+    ``val`` holds out whole training classes (``None`` when ``val_fraction == 0``);
+    ``image_kind`` (``"rgb"`` or ``"gray_small"``) picks the transform family.
+    """
+
+    train: LabeledDataset
+    val: LabeledDataset | None
+    test: LabeledDataset
+    image_kind: str
+    name: str
+    root: Path | None = None
+
+    def summary(self) -> str:
+        parts = []
+        for split in ("train", "val", "test"):
+            ds = getattr(self, split)
+            if ds is not None:
+                parts.append(f"{split} {len(ds)} images / {ds.num_classes} classes")
+        return f"{self.name} ({self.image_kind}): " + ", ".join(parts)
+
+
+def num_held_out(num_classes: int, val_fraction: float) -> int:
+    """How many classes ``val_fraction`` holds out: ``round(f * C)``, but at least 1 if f > 0."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if val_fraction == 0.0:
+        return 0
+    return max(1, int(round(val_fraction * num_classes)))
+
+
+def hold_out_classes(dataset: LabeledDataset, val_fraction: float, seed: int = 0
+                     ) -> tuple[LabeledDataset, LabeledDataset | None]:
+    """Split whole classes off ``dataset``: returns ``(train, val)``, both relabelled 0..C-1.
+
+    The held-out classes are a seeded random choice (``numpy.random.default_rng([seed,
+    1234])``), so the split is deterministic given ``seed`` and the class list; ``val`` is
+    ``None`` when ``val_fraction == 0``. At least one class is held out when
+    ``val_fraction > 0`` and at least one is left for training.
+    """
+    n_val = num_held_out(dataset.num_classes, val_fraction)
+    if n_val == 0:
+        return dataset, None
+    if n_val >= dataset.num_classes:
+        raise ConfigError(
+            f"val_fraction={val_fraction} holds out {n_val} of the {dataset.num_classes} "
+            f"training classes of {dataset.name!r}, leaving none to train on; lower val_fraction")
+    rng = np.random.default_rng([seed, 1234])
+    val_classes = np.zeros(dataset.num_classes, dtype=bool)
+    val_classes[rng.choice(dataset.num_classes, size=n_val, replace=False)] = True
+    in_val = val_classes[dataset.labels]
+    base = dataset.name.rsplit("/", 1)[0] if "/" in dataset.name else dataset.name
+    return (dataset.select(np.flatnonzero(~in_val), name=f"{base}/train"),
+            dataset.select(np.flatnonzero(in_val), name=f"{base}/val"))

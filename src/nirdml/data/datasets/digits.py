@@ -1,0 +1,30 @@
+"""scikit-learn's bundled 8x8 digits: the zero-setup offline dataset (train 0-4, test 5-9)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from nirdml.data.base import ArrayDataset, Splits
+from nirdml.data.datasets.core import DATASETS
+
+
+@DATASETS.register("digits")
+def digits(root: Path | None = None, seed: int = 0, on_error: str = "skip") -> Splits:
+    """1,797 images ``1 x 8 x 8`` float in ``[0, 1]`` (pixel values / 16); classes 0-4 train,
+    5-9 test. ``root`` is ignored (the data ships with scikit-learn). With 5 training classes,
+    the default ``val_fraction=0.1`` holds out one of them (at least one class is held out
+    whenever ``val_fraction > 0``)."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = (bunch.images / 16.0).astype(np.float32)[:, None]
+    target = bunch.target.astype(np.int64)
+    splits = {}
+    for split, wanted in (("train", target <= 4), ("test", target >= 5)):
+        rows = np.flatnonzero(wanted)
+        splits[split] = ArrayDataset(images[rows], target[rows].tolist(), on_error=on_error,
+                                     name=f"digits/{split}")
+    return Splits(train=splits["train"], val=None, test=splits["test"], image_kind="gray_small",
+                  name="digits")
