@@ -340,7 +340,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         return tqdm(total=total, desc=f"epoch {self.epoch + 1}/{self.cfg.train.epochs}",
-                    leave=False, dynamic_ncols=True, file=sys.stderr)
+                    leave=False, dynamic_ncols=True, file=sys.stderr, disable=None)
 
     def _log_epoch(self, record: dict[str, Any]) -> None:
         if not self.dist.is_main:

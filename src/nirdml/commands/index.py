@@ -1,0 +1,58 @@
+"""``nirdml index``: build a faiss index of a gallery (``build``) or describe one (``info``)."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "build a searchable gallery index from a checkpoint (index build), or describe one"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    b = sub.add_parser("build", help="embed a gallery and index it", formatter_class=fmt,
+                       description="Embed a gallery with a checkpoint and write INDEX_DIR "
+                                   "(index.faiss, meta.json, labels.npy).")
+    b.add_argument("--checkpoint", required=True, help="a checkpoint file (e.g. best.pt)")
+    b.add_argument("--gallery", required=True,
+                   help="split:train|val|test of the checkpoint's dataset, a folder of images "
+                        "(class = parent folder name), or an embeddings .npz "
+                        "(embeddings, labels, optional paths)")
+    b.add_argument("--out", required=True, help="the index directory to write")
+    b.add_argument("--type", default="flat", choices=["flat", "ivf", "ivfpq"],
+                   help="flat: exact; ivf / ivfpq: approximate, for millions of items")
+    b.add_argument("--nlist", type=int, default=None, help="IVF cells (default ~4*sqrt(N))")
+    b.add_argument("--nprobe", type=int, default=None, help="IVF cells visited per query "
+                                                            "(default 16)")
+    b.add_argument("--m", type=int, default=None,
+                   help="IVF-PQ sub-quantisers, must divide the embedding dim (default dim/4)")
+    b.add_argument("--nbits", type=int, default=None, help="IVF-PQ bits per sub-quantiser "
+                                                           "(default 8)")
+    b.add_argument("--device", default="auto")
+    b.add_argument("--batch-size", type=int, default=None)
+    b.add_argument("--num-workers", type=int, default=None)
+    b.add_argument("--data-root", default=None, help="dataset root, if it moved since training")
+    b.add_argument("--on-error", choices=["skip", "fail"], default=None,
+                   help="undecodable gallery images: skip them or stop (default: the "
+                        "checkpoint's data.on_error)")
+    i = sub.add_parser("info", help="describe an index directory", formatter_class=fmt)
+    i.add_argument("--index", required=True, help="an index directory")
+
+
+def run(args: argparse.Namespace) -> int:
+    from nirdml.retrieval import IndexSpec, Retriever
+
+    if args.action == "info":
+        r = Retriever.load(args.index, load_model=False)
+        print(f"{args.index}: {len(r)} items x {r.dim} dims, {r.spec.to_dict()}")
+        print(f"checkpoint: {r.checkpoint}\nfingerprint: {r.fingerprint}\ngallery: {r.source}")
+        return 0
+    spec = IndexSpec(args.type, nlist=args.nlist, nprobe=args.nprobe, m=args.m, nbits=args.nbits)
+    r = Retriever.from_checkpoint(args.checkpoint, args.gallery, spec, device=args.device,
+                                  batch_size=args.batch_size, num_workers=args.num_workers,
+                                  data_root=args.data_root, on_error=args.on_error)
+    r.save(args.out)
+    skipped = r.source.get("skipped") or []
+    print(f"indexed {len(r)} gallery items ({r.dim}-d, {r.spec.type}) into {args.out}"
+          + (f"; skipped {len(skipped)} undecodable images" if skipped else ""))
+    return 0

@@ -1,0 +1,28 @@
+"""``nirdml report``: one self-contained HTML page about a training run."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "write a self-contained HTML report of a run (metrics, curves, diagnostics, retrieval)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, help="a run folder (the --out of nirdml train)")
+    parser.add_argument("--out", default=None, help="output HTML (default RUN/report.html)")
+    parser.add_argument("-k", "--k", type=int, default=5, help="results per grid query")
+    parser.add_argument("--queries", type=int, default=6, help="queries in the retrieval grid")
+    parser.add_argument("--checkpoint", default=None, help="default RUN/checkpoints/best.pt")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--data-root", default=None, help="dataset root, if it moved")
+    parser.add_argument("--no-grid", action="store_true", help="skip the retrieval grid")
+
+
+def run(args: argparse.Namespace) -> int:
+    from nirdml.retrieval.report import build_report
+
+    out = build_report(args.run, args.out, k=args.k, num_queries=args.queries,
+                       checkpoint=args.checkpoint, device=args.device, data_root=args.data_root,
+                       grid=not args.no_grid)
+    print(f"wrote {out}")
+    return 0

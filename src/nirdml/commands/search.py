@@ -1,0 +1,36 @@
+"""``nirdml search``: the nearest gallery items of query images in an index directory."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "search an index (nirdml index build) with query images"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--index", required=True, help="an index directory")
+    parser.add_argument("--query", required=True, nargs="+", metavar="IMG",
+                        help="query image file(s)")
+    parser.add_argument("-k", "--k", type=int, default=10, help="results per query")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--checkpoint", default=None,
+                        help="the model to embed queries with (default: the one the index "
+                             "remembers; it must be the same model)")
+    parser.add_argument("--device", default="auto")
+
+
+def run(args: argparse.Namespace) -> int:
+    from nirdml.retrieval import Retriever
+
+    retriever = Retriever.load(args.index, checkpoint=args.checkpoint, device=args.device)
+    results = retriever.search(args.query, k=args.k)
+    if args.json:
+        print(results.to_json())
+        return 0
+    for q, name in enumerate(results.queries):
+        print(f"query {name}:")
+        for hit in results.hits(q):
+            label = hit.get("class", hit["label"])
+            where = hit["path"] if hit["path"] is not None else f"item {hit['id']}"
+            print(f"  {hit['rank']:>3}  {hit['score']:.4f}  {label}  {where}")
+    return 0

@@ -1,0 +1,172 @@
+"""Export a checkpoint's embedding network to ONNX or TorchScript, checked against PyTorch.
+
+The exported graph maps preprocessed images ``(B, C, H, W)`` float32 (the eval transform of the
+checkpoint's ``image_kind``) to L2-normalised embeddings ``(B, D)``. The batch axis is dynamic;
+``H`` and ``W`` are fixed at the size the eval transform produces (the small CNN's pooling
+depends on the input size). The export's metadata records the model fingerprint, the input shape
+and the image kind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nirdml.errors import CheckpointError, ConfigError
+from nirdml.retrieval.fingerprint import model_fingerprint
+
+FORMATS = ("onnx", "torchscript")
+
+
+@dataclass
+class ExportResult:
+    """Where the export went, its input shape and how far it is from PyTorch (max abs diff)."""
+
+    path: Path
+    format: str
+    input_shape: tuple[int, int, int]
+    embedding_dim: int
+    max_abs_diff: float | None
+
+
+def input_shape(cfg, image_kind: str | None, in_chans: int, image_size: int | None = None
+                ) -> tuple[int, int, int]:
+    """``(C, H, W)`` the model sees: ``image_size`` (or ``data.image_size``) if given, else what
+    the eval transform of ``image_kind`` produces, which for ``gray_small`` depends on the
+    dataset (8 x 8 digits, 28 x 28 Omniglot) and is read from its test split."""
+    size = image_size if image_size is not None else cfg.data.image_size
+    if size is not None:
+        return (in_chans, int(size), int(size))
+    if image_kind is None:
+        raise CheckpointError("the checkpoint does not record its image_kind; pass --image-size")
+    if image_kind == "gray_small":
+        from nirdml.retrieval.retriever import probe_preprocessing
+
+        prep = probe_preprocessing(cfg)
+        if prep is None or prep["input_size"] is None:
+            raise ConfigError(f"the input size of this {image_kind} model depends on dataset "
+                              f"{cfg.data.name!r}, which is not available; pass --image-size")
+        return (in_chans, *prep["input_size"])
+    from PIL import Image
+
+    from nirdml.data import build_transforms
+
+    transform = build_transforms(image_kind, train=False, image_size=None)
+    shape = tuple(int(s) for s in transform(Image.new("RGB", (300, 300))).shape)
+    return (in_chans, shape[1], shape[2])
+
+
+def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str = "onnx",
+                 image_size: int | None = None, opset: int = 17, check: bool = True,
+                 tolerance: float = 1e-4) -> ExportResult:
+    """Export the embedding network of ``checkpoint`` to ``out`` (``fmt``: onnx|torchscript).
+
+    With ``check`` the exported model is run on a random batch and compared with PyTorch;
+    a difference above ``tolerance`` raises CheckpointError.
+    """
+    from nirdml.training.inference import load_trained_model
+
+    fmt = fmt.lower()
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    model, cfg, state = load_trained_model(checkpoint, device="cpu")
+    in_chans = int(state.get("in_chans") or getattr(model, "in_chans", None) or 3)
+    shape = input_shape(cfg, state.get("image_kind"), in_chans, image_size)
+    meta = {"fingerprint": model_fingerprint(model), "embedding_dim": model.embedding_dim,
+            "input_shape": list(shape), "image_kind": state.get("image_kind"),
+            "model": cfg.model.name, "dataset": cfg.data.name,
+            "checkpoint": str(Path(checkpoint).resolve())}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    example = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        if fmt == "onnx":
+            _export_onnx(model, example, tmp, opset, meta)
+        else:
+            _export_torchscript(model, example, tmp, meta)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    diff = None
+    if check:
+        x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            expected = model(x).numpy()
+        got = run_exported(out, x.numpy(), fmt)
+        diff = float(np.abs(got - expected).max())
+        if not diff <= tolerance:
+            raise CheckpointError(f"the {fmt} export of {str(checkpoint)!r} differs from PyTorch "
+                                  f"by {diff:.3g} (> {tolerance}); it was written to {out}")
+    return ExportResult(out, fmt, shape, model.embedding_dim, diff)
+
+
+def _export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int,
+                 meta: dict) -> None:
+    try:
+        import onnx
+    except ImportError as exc:
+        raise ConfigError("ONNX export needs onnx: pip install 'nirdml[export]'") from exc
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer and exporter deprecation chatter
+        # the TorchScript-based exporter: the torch.export-based one needs onnxscript
+        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset,
+                          input_names=["images"], output_names=["embeddings"],
+                          dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}},
+                          do_constant_folding=True)
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = f"nirdml.{key}", json.dumps(value)
+    onnx.save(proto, str(path))
+
+
+def _export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path,
+                        meta: dict) -> None:
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # torch.jit deprecation and tracer warnings
+        traced = torch.jit.trace(model, example, check_trace=False)
+        torch.jit.save(traced, str(path), _extra_files={"nirdml.json": json.dumps(meta)})
+
+
+def run_exported(path: str | os.PathLike, images: np.ndarray, fmt: str | None = None
+                 ) -> np.ndarray:
+    """Embed ``images`` (B, C, H, W) float32 with an exported model file."""
+    path = Path(path)
+    fmt = fmt or ("onnx" if path.suffix.lower() == ".onnx" else "torchscript")
+    x = np.ascontiguousarray(images, dtype=np.float32)
+    if fmt == "onnx":
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise ConfigError("running ONNX models needs onnxruntime: "
+                              "pip install 'nirdml[export]'") from exc
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.run(["embeddings"], {"images": x})[0]
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        module = torch.jit.load(str(path), map_location="cpu")
+        return module(torch.from_numpy(x)).numpy()
+
+
+def read_export_metadata(path: str | os.PathLike) -> dict:
+    """The ``nirdml.*`` metadata stored in an exported file."""
+    path = Path(path)
+    if path.suffix.lower() == ".onnx":
+        import onnx
+
+        proto = onnx.load(str(path), load_external_data=False)
+        return {p.key[len("nirdml."):]: json.loads(p.value) for p in proto.metadata_props
+                if p.key.startswith("nirdml.")}
+    extra = {"nirdml.json": ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    return json.loads(extra["nirdml.json"] or "{}")

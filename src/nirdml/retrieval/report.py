@@ -1,0 +1,375 @@
+"""``build_report``: one self-contained HTML page about a training run.
+
+It reads a run folder written by the trainer (``config.yaml``, ``final.json``, ``metrics.jsonl``,
+``checkpoints/best.pt``) and, when present, the output of ``nirdml analyze --out RUN/analysis``
+(``*.png`` and ``analysis.json``). Every image is inlined as a base64 PNG data URI, so the file
+can be mailed or archived on its own. The retrieval grid shows a few test queries with their
+top-k neighbours (green border: same class, red: another class); it is skipped with a note
+when the checkpoint or the dataset is not available.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nirdml.errors import ConfigError, NirdmlError
+
+LOSS_PREFIX = "train/"
+EVAL_PREFIXES = ("val/", "test/")
+_SKIP_CURVES = {"train/bad_steps"}
+
+
+@dataclass
+class GridRow:
+    """One query of the retrieval grid with its top-k results."""
+
+    query: str  # PNG data URI
+    query_label: str
+    results: list[dict[str, Any]] = field(default_factory=list)  # uri, label, score, correct
+
+
+# ------------------------------------------------------------------------------ readers
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` (unparseable lines are skipped)."""
+    records = []
+    if not path.is_file():
+        return records
+    for line in path.read_text(errors="replace").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            records.append(rec)
+    return records
+
+
+def _read_json(path: Path) -> tuple[Any, str | None]:
+    if not path.is_file():
+        return None, f"{path.name} not found"
+    try:
+        return json.loads(path.read_text()), None
+    except (OSError, ValueError) as exc:
+        return None, f"{path.name} is unreadable: {exc}"
+
+
+# ------------------------------------------------------------------------------ images
+def png_data_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def figure_uri(fig) -> str:
+    """Render a matplotlib figure to a PNG data URI and close it."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return png_data_uri(buf.getvalue())
+
+
+def tensor_thumbnail(image, size: int = 96, image_kind: str | None = None) -> str:
+    """A normalised (C, H, W) image tensor -> PNG data URI (``size`` px on the long side).
+
+    The normalisation of ``image_kind`` is undone; other inputs are min-max scaled.
+    """
+    from PIL import Image
+
+    from nirdml.data.transforms import GRAY_MEAN, GRAY_STD, IMAGENET_MEAN, IMAGENET_STD
+
+    arr = np.asarray(image, dtype=np.float32)
+    stats = {"rgb": (IMAGENET_MEAN, IMAGENET_STD), "gray_small": (GRAY_MEAN, GRAY_STD)}
+    mean, std = stats.get(image_kind, (None, None))
+    if arr.ndim == 3 and mean is not None and arr.shape[0] == len(mean):
+        arr = np.clip(arr * np.reshape(std, (-1, 1, 1)) + np.reshape(mean, (-1, 1, 1)), 0, 1)
+    else:
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+    if arr.ndim == 3 and arr.shape[0] in (1, 3):
+        arr = arr.transpose(1, 2, 0)
+    arr = (arr * 255).round().astype(np.uint8)
+    img = Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr)
+    scale = size / max(img.size)
+    resample = Image.NEAREST if scale > 1 else Image.BILINEAR
+    img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
+                     resample)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return png_data_uri(buf.getvalue())
+
+
+def plot_curves(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """``(title, data URI)`` of the loss-term and evaluation-metric curves per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    groups = [
+        ("Training loss terms", lambda k: k.startswith(LOSS_PREFIX) and k not in _SKIP_CURVES),
+        ("Evaluation metrics", lambda k: k.startswith(EVAL_PREFIXES)),
+    ]
+    figures = []
+    for title, wanted in groups:
+        keys = sorted({k for r in records for k, v in r.items()
+                       if wanted(k) and _is_number(v)})
+        if title.startswith("Evaluation"):  # scores in [0, 1] share an axis; counts do not
+            keys = [k for k in keys if all(0.0 <= r[k] <= 1.0 for r in records
+                                           if _is_number(r.get(k)))]
+        if not keys:
+            continue
+        fig, ax = plt.subplots(figsize=(7.0, 3.4))
+        for key in keys:
+            pts = [(r.get("epoch", i + 1), r[key]) for i, r in enumerate(records)
+                   if _is_number(r.get(key))]
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=key)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+        figures.append((title, figure_uri(fig)))
+    return figures
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# ------------------------------------------------------------------------------ grid
+def retrieval_grid(checkpoint: Path, k: int = 5, num_queries: int = 6, device: str = "cpu",
+                   data_root: str | None = None, seed: int = 0) -> list[GridRow]:
+    """Top-``k`` results of ``num_queries`` test queries (of distinct classes when possible).
+
+    Raises a NirdmlError/OSError when the checkpoint or dataset is unavailable.
+    """
+    from nirdml.retrieval.faiss_index import IndexSpec, build_index, search_index
+    from nirdml.training import builders
+    from nirdml.training.inference import load_trained_model
+
+    model, cfg, _ = load_trained_model(checkpoint, device)
+    if data_root is not None:
+        cfg.data.root = data_root
+    splits = builders.build_splits(cfg)
+    test, kind = splits.test, splits.image_kind
+    emb = builders.embed_dataset(model, test, next(model.parameters()).device,
+                                 batch_size=cfg.data.eval_batch_size,
+                                 num_workers=cfg.data.num_workers)
+    n = len(emb.labels)
+    queries_mask = np.ones(n, bool) if emb.is_query is None else np.asarray(emb.is_query, bool)
+    gallery_rows = (np.arange(n) if emb.is_gallery is None
+                    else np.flatnonzero(np.asarray(emb.is_gallery, bool)))
+    same_set = emb.is_gallery is None
+    k = min(k, len(gallery_rows) - (1 if same_set else 0))
+    if k < 1:
+        raise ConfigError("the test split is too small for a retrieval grid")
+    order = np.random.default_rng(seed).permutation(np.flatnonzero(queries_mask))
+    chosen, seen = [], set()
+    for i in order:  # one query per class first, then fill up
+        if int(emb.labels[i]) not in seen:
+            chosen.append(int(i))
+            seen.add(int(emb.labels[i]))
+        if len(chosen) == num_queries:
+            break
+    chosen += [int(i) for i in order if int(i) not in chosen][: num_queries - len(chosen)]
+    index, _ = build_index(emb.embeddings[gallery_rows], IndexSpec("flat"))
+    extra = 1 if same_set else 0
+    scores, ids = search_index(index, emb.embeddings[chosen], min(k + extra, len(gallery_rows)))
+    names = getattr(test, "class_names", None)
+
+    def label_name(label: int) -> str:
+        return str(names[label]) if names is not None and 0 <= label < len(names) else str(label)
+
+    rows = []
+    for q, i in enumerate(chosen):
+        hits = [(int(gallery_rows[j]), float(s)) for j, s in zip(ids[q], scores[q])
+                if int(gallery_rows[j]) != i][:k]
+        row = GridRow(tensor_thumbnail(test[i][0], image_kind=kind),
+                      label_name(int(emb.labels[i])))
+        for j, s in hits:
+            row.results.append({"uri": tensor_thumbnail(test[j][0], image_kind=kind), "score": s,
+                                "label": label_name(int(emb.labels[j])),
+                                "correct": int(emb.labels[j]) == int(emb.labels[i])})
+        rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------ page
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px auto;
+max-width:1100px;color:#222;padding:0 16px}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:1.8em}
+pre{background:#f6f8fa;padding:12px;overflow:auto;font-size:12px;max-height:480px}
+table.metrics{border-collapse:collapse}table.metrics td,table.metrics th{border:1px solid #ddd;
+padding:3px 10px;text-align:left}table.metrics td.num{text-align:right;font-family:monospace}
+.note{color:#8a5a00;background:#fff8e6;padding:6px 10px;border-left:4px solid #f0b429}
+figure{display:inline-block;margin:8px}figcaption{font-size:12px;color:#555}
+table.grid td{vertical-align:top;text-align:center;font-size:11px;padding:3px}
+table.grid img{display:block;margin:auto;border:4px solid #888}
+table.grid td.query img{border-color:#3366cc}table.grid td.hit img{border-color:#1a9e3a}
+table.grid td.miss img{border-color:#d62728}
+"""
+
+# marks <body data-images-ok="true|false" data-js-errors="N"> once the page has loaded
+_SCRIPT = """
+(function(){var errors=0;window.addEventListener('error',function(){errors++;},true);
+window.addEventListener('load',function(){var imgs=document.images,ok=true;
+for(var i=0;i<imgs.length;i++){if(!(imgs[i].complete&&imgs[i].naturalWidth>0)){ok=false;}}
+document.body.dataset.imagesOk=ok?'true':'false';document.body.dataset.imageCount=imgs.length;
+document.body.dataset.jsErrors=String(errors);});})();
+"""
+
+
+def _note(text: str) -> str:
+    return f'<p class="note">{html.escape(text)}</p>'
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict | list):
+        return json.dumps(v)
+    return str(v)
+
+
+def _table(items: dict[str, Any]) -> str:
+    rows = "".join(
+        f"<tr><th>{html.escape(str(k))}</th>"
+        f"<td class=\"{'num' if _is_number(v) else 'text'}\">{html.escape(_fmt(v))}</td></tr>"
+        for k, v in items.items())
+    return f'<table class="metrics"><tbody>{rows}</tbody></table>'
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _grid_html(rows: list[GridRow], k: int) -> str:
+    head = "<tr><th>query</th>" + "".join(f"<th>#{j + 1}</th>" for j in range(k)) + "</tr>"
+    body = []
+    for row in rows:
+        cells = [f'<td class="query"><img src="{row.query}" alt="query, class '
+                 f'{html.escape(row.query_label)}"><br>class {html.escape(row.query_label)}</td>']
+        for r in row.results:
+            cls = "hit" if r["correct"] else "miss"
+            cells.append(
+                f'<td class="{cls}"><img src="{r["uri"]}" alt="{cls}, class '
+                f'{html.escape(r["label"])}" title="score {r["score"]:.3f}"><br>'
+                f'{html.escape(r["label"])} ({r["score"]:.2f})</td>')
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f'<table class="grid"><thead>{head}</thead><tbody>{"".join(body)}</tbody></table>'
+
+
+def build_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
+                 k: int = 5, num_queries: int = 6, checkpoint: str | os.PathLike | None = None,
+                 device: str = "cpu", data_root: str | None = None, grid: bool = True,
+                 seed: int = 0) -> Path:
+    """Write the HTML report of ``run_dir`` to ``out`` (default ``run_dir/report.html``)."""
+    from nirdml import __version__
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise ConfigError(f"run folder {str(run)!r} does not exist; pass the --out folder of "
+                          f"nirdml train")
+    if k < 1 or num_queries < 1:
+        raise ConfigError("k and the number of queries must be >= 1")
+    out = Path(out) if out is not None else run / "report.html"
+    parts = [f"<h1>nirdml run report: {html.escape(run.resolve().name)}</h1>",
+             f"<p>{html.escape(str(run.resolve()))} &middot; generated "
+             f"{time.strftime('%Y-%m-%d %H:%M')} by nirdml {html.escape(__version__)}</p>"]
+
+    parts.append('<section id="metrics"><h2>Test metrics</h2>')
+    final, problem = _read_json(run / "final.json")
+    if isinstance(final, dict):
+        parts.append(_table(_flatten(final)))
+    else:
+        parts.append(_note(problem or "final.json does not hold a JSON object"))
+    parts.append("</section>")
+
+    parts.append('<section id="curves"><h2>Training curves</h2>')
+    records = read_metrics(run / "metrics.jsonl")
+    figures = plot_curves(records) if records else []
+    if figures:
+        parts += [f'<figure><img src="{uri}" alt="{html.escape(t)}"><figcaption>'
+                  f"{html.escape(t)}</figcaption></figure>" for t, uri in figures]
+    else:
+        parts.append(_note("no metrics.jsonl records to plot"))
+    parts.append("</section>")
+
+    parts.append('<section id="analysis"><h2>Structure diagnostics</h2>')
+    adir = run / "analysis"
+    pngs = sorted(adir.glob("*.png")) if adir.is_dir() else []
+    analysis, _ = _read_json(adir / "analysis.json")
+    if not pngs and analysis is None:
+        parts.append(_note(f"no diagnostics; run: nirdml analyze --checkpoint "
+                           f"{run / 'checkpoints' / 'best.pt'} --out {adir}"))
+    for png in pngs:
+        parts.append(f'<figure><img src="{png_data_uri(png.read_bytes())}" '
+                     f'alt="{html.escape(png.stem)}"><figcaption>{html.escape(png.name)}'
+                     f"</figcaption></figure>")
+    if isinstance(analysis, dict):
+        flat = _flatten(analysis)
+        scalars = {k: v for k, v in flat.items() if not isinstance(v, list) or len(v) <= 8}
+        parts.append(_table(scalars))
+    parts.append("</section>")
+
+    parts.append('<section id="retrieval"><h2>Retrieval examples (test split)</h2>')
+    ckpt = Path(checkpoint) if checkpoint else run / "checkpoints" / "best.pt"
+    if not grid:
+        parts.append(_note("retrieval grid not requested"))
+    elif not ckpt.is_file():
+        parts.append(_note(f"retrieval grid skipped: no checkpoint {ckpt}"))
+    else:
+        try:
+            rows = retrieval_grid(ckpt, k=k, num_queries=num_queries, device=device,
+                                  data_root=data_root, seed=seed)
+        except (NirdmlError, OSError) as exc:
+            parts.append(_note(f"retrieval grid skipped: the test data is not available "
+                               f"({type(exc).__name__}: {exc})"))
+        else:
+            parts.append(f"<p>{len(rows)} test queries and their top-{len(rows[0].results)} "
+                         f"neighbours from {html.escape(ckpt.name)}; green: same class, "
+                         f"red: another class.</p>")
+            parts.append(_grid_html(rows, len(rows[0].results)))
+    parts.append("</section>")
+
+    parts.append('<section id="config"><h2>Configuration</h2>')
+    cfg_path = run / "config.yaml"
+    if cfg_path.is_file():
+        parts.append(f"<pre>{html.escape(cfg_path.read_text(errors='replace'))}</pre>")
+    else:
+        parts.append(_note("config.yaml not found"))
+    parts.append("</section>")
+
+    page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>nirdml report: {html.escape(run.resolve().name)}</title>"
+            f"<style>{_CSS}</style><script>{_SCRIPT}</script></head>\n<body>\n"
+            + "\n".join(parts) + "\n</body></html>\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, out)
+    return out

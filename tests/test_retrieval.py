@@ -1,0 +1,321 @@
+"""Retriever, faiss indexes, index directories and the index/search commands."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from nirdml.cli import main
+from nirdml.errors import CheckpointError, ConfigError, InputError
+from nirdml.retrieval import (
+    IndexSpec,
+    Retriever,
+    build_index,
+    model_fingerprint,
+    read_embeddings_npz,
+    search_index,
+)
+from nirdml.retrieval.faiss_index import resolve_spec
+
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+
+
+def make_checkpoint(path, seed=0, image_size=32, embedding_dim=16):
+    """A small_cnn checkpoint that ``load_trained_model`` accepts (no training)."""
+    from nirdml.models import build_model
+    from nirdml.training.checkpoint import save_checkpoint
+    from nirdml.training.config import Config
+
+    torch.manual_seed(seed)
+    model = build_model("small_cnn", embedding_dim=embedding_dim, in_chans=3)
+    for m in model.modules():  # non-trivial BatchNorm statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    cfg = Config.from_dict({
+        "data": {"name": "digits", "image_size": image_size, "eval_batch_size": 8,
+                 "val_fraction": 0.0},
+        "model": {"name": "small_cnn", "embedding_dim": embedding_dim, "pretrained": False},
+    })
+    state = {"config": cfg.to_dict(), "model": model.state_dict(), "in_chans": 3,
+             "image_kind": "rgb", "epoch": 1, "num_classes": 5}
+    save_checkpoint(state, path)
+    return path
+
+
+def write_image_folder(root, per_class=4, size=40):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name, color in COLORS.items():
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            arr = np.clip(np.array(color) + rng.normal(0, 20, (size, size, 3)), 0, 255)
+            ext = "png" if i % 2 else "jpg"
+            Image.fromarray(arr.astype(np.uint8)).save(root / name / f"{name}_{i}.{ext}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    base = tmp_path_factory.mktemp("retrieval")
+    ckpt = make_checkpoint(base / "model.pt")
+    other = make_checkpoint(base / "other.pt", seed=1)
+    gallery = write_image_folder(base / "gallery")
+    index_dir = base / "index"
+    Retriever.from_checkpoint(ckpt, gallery, device="cpu").save(index_dir)
+    return {"base": base, "ckpt": ckpt, "other": other, "gallery": gallery, "index": index_dir}
+
+
+def test_fingerprint_tracks_weights_and_dim():
+    from nirdml.models import build_model
+
+    torch.manual_seed(0)
+    a = build_model("small_cnn", embedding_dim=16, in_chans=3)
+    b = build_model("small_cnn", embedding_dim=16, in_chans=3)
+    b.load_state_dict(a.state_dict())
+    assert model_fingerprint(a) == model_fingerprint(b)
+    with torch.no_grad():
+        b.head.bias[0] += 1e-6
+    assert model_fingerprint(a) != model_fingerprint(b)
+    from nirdml.retrieval import state_dict_fingerprint
+
+    assert state_dict_fingerprint(a.state_dict(), 16) != state_dict_fingerprint(a.state_dict(), 8)
+
+
+def test_folder_gallery_search_finds_itself(files):
+    r = Retriever.load(files["index"], device="cpu")
+    assert len(r) == 12 and r.dim == 16
+    assert r.class_names == ["blue", "green", "red"]
+    paths = sorted(str(p) for p in files["gallery"].rglob("*.*"))
+    assert r.paths == paths
+    res = r.search(paths[:3], k=4)
+    assert res.ids.shape == (3, 4) and res.scores.shape == (3, 4)
+    assert res.ids[:, 0].tolist() == [0, 1, 2]  # each query's best match is itself
+    np.testing.assert_allclose(res.scores[:, 0], 1.0, atol=1e-4)
+    assert (np.diff(res.scores, axis=1) <= 1e-6).all()
+    assert res.labels[:, 0].tolist() == [0, 0, 0]
+    assert res.paths[0][0] == paths[0]
+    doc = json.loads(res.to_json())
+    assert doc["k"] == 4 and doc["queries"][0]["query"] == paths[0]
+    assert doc["queries"][0]["results"][0]["class"] == "blue"
+
+
+def test_search_by_image_tensor_and_embeddings_agree(files):
+    from PIL import Image
+
+    r = Retriever.load(files["index"], device="cpu")
+    path = r.paths[5]
+    x = r.transform()(Image.open(path).convert("RGB"))
+    by_path = r.search(path, k=3)
+    by_tensor = r.search(x, k=3)
+    by_emb = r.search(r.embed_tensors(x), k=3)
+    for res in (by_tensor, by_emb):
+        np.testing.assert_array_equal(res.ids, by_path.ids)
+        np.testing.assert_allclose(res.scores, by_path.scores, atol=1e-5)
+
+
+def test_flat_index_matches_brute_force():
+    rng = np.random.default_rng(0)
+    gallery = rng.normal(size=(300, 16)).astype(np.float32)
+    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+    r = Retriever(build_index(gallery, IndexSpec("flat"))[0], np.arange(300) % 7)
+    queries = rng.normal(size=(10, 16)).astype(np.float32)
+    res = r.search(queries, k=5)
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    expected = np.argsort(-(q @ gallery.T), axis=1)[:, :5]
+    np.testing.assert_array_equal(res.ids, expected)
+    np.testing.assert_array_equal(res.labels, expected % 7)
+    assert res.paths[0] == [None] * 5
+
+
+def test_ivf_types_answer_k_real_neighbours(tmp_path):
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(20, 16))
+    cluster = rng.integers(0, 20, 2000)
+    x = (centres[cluster] + 0.1 * rng.normal(size=(2000, 16))).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    exact, _ = build_index(x, IndexSpec("flat"))
+    _, truth = search_index(exact, x[:50], 1)
+    for spec in (IndexSpec("ivf", nlist=20, nprobe=1), IndexSpec("ivfpq", nlist=20, nprobe=4,
+                                                                  m=4)):
+        index, resolved = build_index(x, spec)
+        assert resolved.nlist == 20
+        # k larger than one cell holds: the search widens nprobe instead of returning -1
+        scores, ids = search_index(index, x[:50], 300)
+        assert ids.shape == (50, 300) and (ids >= 0).all()
+        assert all(len(set(row)) == 300 for row in ids.tolist())
+        assert faiss_nprobe(index) == spec.nprobe  # restored
+        _, top1 = search_index(index, x[:50], 1)
+        if spec.type == "ivf":  # exact within the visited cells
+            assert (top1[:, 0] == truth[:, 0]).mean() >= 0.9
+        else:  # compressed codes: the right cluster, not necessarily the very same vector
+            assert (cluster[top1[:, 0]] == cluster[:50]).mean() >= 0.9
+    # saved and reopened with its parameters
+    np.savez(tmp_path / "g.npz", embeddings=x, labels=np.arange(2000) % 20)
+    g = read_embeddings_npz(tmp_path / "g.npz", 16)
+    r = Retriever(None, np.zeros(0))
+    r._set_gallery(g, IndexSpec("ivfpq", nlist=16, m=8))
+    r.save(tmp_path / "idx")
+    back = Retriever.load(tmp_path / "idx", load_model=False)
+    assert back.spec.type == "ivfpq" and back.spec.m == 8 and back.spec.nlist == 16
+    assert len(back) == 2000
+
+
+def faiss_nprobe(index):
+    import faiss
+
+    return faiss.extract_index_ivf(index).nprobe
+
+
+def test_index_spec_validation():
+    assert resolve_spec(IndexSpec("IVF-PQ"), 10_000, 128).m == 32
+    with pytest.raises(ConfigError, match="m=5 must divide"):
+        resolve_spec(IndexSpec("ivfpq", m=5), 1000, 16)
+    with pytest.raises(ConfigError, match="nlist"):
+        resolve_spec(IndexSpec("ivf", nlist=50), 10, 16)
+    with pytest.raises(ConfigError, match="unknown index type"):
+        resolve_spec(IndexSpec("hnsw"), 10, 16)
+    with pytest.raises(ConfigError, match="at least 256"):
+        resolve_spec(IndexSpec("ivfpq", nlist=1, m=4, nbits=8), 100, 16)
+
+
+def test_npz_gallery_and_split_spec(files, tmp_path):
+    rng = np.random.default_rng(1)
+    emb = rng.normal(size=(20, 16)).astype(np.float32)
+    np.savez(tmp_path / "e.npz", embeddings=emb, labels=np.arange(20) % 4,
+             paths=np.array([f"img{i}.jpg" for i in range(20)]))
+    r = Retriever.from_checkpoint(files["ckpt"], tmp_path / "e.npz", device="cpu")
+    res = r.search(emb[:2], k=2)
+    assert res.ids[:, 0].tolist() == [0, 1] and res.paths[1][0] == "img1.jpg"
+    np.savez(tmp_path / "bad.npz", embeddings=emb[:, :8], labels=np.arange(20))
+    with pytest.raises(InputError, match="8-d embeddings"):
+        Retriever.from_checkpoint(files["ckpt"], tmp_path / "bad.npz", device="cpu")
+    np.savez(tmp_path / "nolabels.npz", embeddings=emb)
+    with pytest.raises(InputError, match="no 'labels'"):
+        read_embeddings_npz(tmp_path / "nolabels.npz")
+    with pytest.raises(ConfigError, match="split must be"):
+        Retriever.from_checkpoint(files["ckpt"], "split:holdout", device="cpu")
+    with pytest.raises(ConfigError, match="neither"):
+        Retriever.from_checkpoint(files["ckpt"], tmp_path / "nothing_here", device="cpu")
+
+
+def test_undecodable_images(files, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    r = Retriever.load(files["index"], device="cpu")
+    with pytest.raises(InputError, match="cannot decode image"):
+        r.search([r.paths[0], bad], k=2)
+    with pytest.raises(InputError, match="does not exist"):
+        r.search(tmp_path / "missing.png", k=2)
+    # in a gallery folder: skipped and recorded, or fatal with on_error="fail"
+    gallery = tmp_path / "g"
+    shutil.copytree(files["gallery"], gallery)
+    shutil.copy(bad, gallery / "red" / "broken.jpg")
+    built = Retriever.from_checkpoint(files["ckpt"], gallery, device="cpu")
+    assert len(built) == 12 and built.source["skipped"] == [str(gallery / "red" / "broken.jpg")]
+    with pytest.raises(InputError, match="cannot decode image"):
+        Retriever.from_checkpoint(files["ckpt"], gallery, device="cpu", on_error="fail")
+
+
+def test_fingerprint_mismatch_is_refused(files, tmp_path):
+    with pytest.raises(CheckpointError, match="not the model this index was built with"):
+        Retriever.load(files["index"], checkpoint=files["other"], device="cpu")
+    # the same weights under another name are accepted
+    copy = tmp_path / "moved.pt"
+    shutil.copy(files["ckpt"], copy)
+    assert Retriever.load(files["index"], checkpoint=copy, device="cpu").search(
+        Retriever.load(files["index"], load_model=False).paths[0], k=1).ids[0, 0] == 0
+
+
+def test_bad_k_and_bad_index_dirs(files, tmp_path):
+    r = Retriever.load(files["index"], device="cpu")
+    with pytest.raises(InputError, match="larger than the gallery"):
+        r.search(r.paths[0], k=13)
+    with pytest.raises(InputError, match="positive integer"):
+        r.search(r.paths[0], k=0)
+    with pytest.raises(InputError, match="shape"):
+        r.search(np.zeros((2, 8), np.float32), k=1)
+    with pytest.raises(InputError, match="all zeros"):
+        r.search(np.zeros((1, 16), np.float32), k=1)
+    with pytest.raises(ConfigError, match="does not exist"):
+        Retriever.load(tmp_path / "no_such_index")
+    partial = tmp_path / "partial"
+    shutil.copytree(files["index"], partial)
+    (partial / "meta.json").unlink()
+    with pytest.raises(ConfigError, match="missing meta.json"):
+        Retriever.load(partial)
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(files["index"], corrupt)
+    (corrupt / "index.faiss").write_bytes(b"garbage")
+    with pytest.raises(ConfigError, match="not a readable faiss index"):
+        Retriever.load(corrupt, load_model=False)
+
+
+def test_index_and_search_commands(files, tmp_path, capsys):
+    out = tmp_path / "cli_index"
+    assert main(["index", "build", "--checkpoint", str(files["ckpt"]), "--gallery",
+                 str(files["gallery"]), "--out", str(out), "--device", "cpu"]) == 0
+    assert {p.name for p in out.iterdir()} == {"index.faiss", "meta.json", "labels.npy"}
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["checkpoint"] == str(files["ckpt"].resolve()) and meta["dim"] == 16
+    assert len(meta["fingerprint"]) == 64 and meta["config"]["model"]["name"] == "small_cnn"
+    capsys.readouterr()
+    query = meta["paths"][4]
+    assert main(["search", "--index", str(out), "--query", query, "-k", "3", "--json",
+                 "--device", "cpu"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["queries"][0]["results"][0]["path"] == query
+    assert main(["search", "--index", str(out), "--query", query, "-k", "2"]) == 0
+    assert query in capsys.readouterr().out
+    # errors are one line, exit code 2
+    assert main(["search", "--index", str(out), "--query", query, "-k", "99"]) == 2
+    assert "larger than the gallery" in capsys.readouterr().err
+    assert main(["search", "--index", str(tmp_path / "nope"), "--query", query]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["search", "--index", str(out), "--query", query, "--checkpoint",
+                 str(files["other"])]) == 2
+    assert "fingerprint" in capsys.readouterr().err
+    assert main(["index", "info", "--index", str(out)]) == 0
+    assert "12 items x 16 dims" in capsys.readouterr().out
+
+
+def test_split_gallery(tmp_path):
+    data = pytest.importorskip("nirdml.data")
+    if not hasattr(data, "load_splits"):
+        pytest.skip("nirdml.data.load_splits not available")
+    from nirdml.models import build_model
+    from nirdml.training import builders
+    from nirdml.training.checkpoint import save_checkpoint
+    from nirdml.training.config import load_config
+
+    cfg = load_config("digits", ["model.embedding_dim=16"])
+    splits = builders.build_splits(cfg)
+    in_chans = int(splits.test[0][0].shape[0])
+    model = build_model("small_cnn", embedding_dim=16, in_chans=in_chans)
+    save_checkpoint({"config": cfg.to_dict(), "model": model.state_dict(), "in_chans": in_chans,
+                     "image_kind": splits.image_kind, "epoch": 1}, tmp_path / "d.pt")
+    r = Retriever.from_checkpoint(tmp_path / "d.pt", "split:test", device="cpu")
+    assert len(r) == len(splits.test)
+    np.testing.assert_array_equal(r.labels, splits.test.labels)
+    x = torch.stack([splits.test[i][0] for i in range(3)])
+    res = r.search(x, k=1)
+    np.testing.assert_allclose(res.scores[:, 0], 1.0, atol=1e-4)  # each finds itself (or a twin)
+    # query files go through the dataset's preprocessing: 8 x 8 (ShrinkTo would keep 32 x 32)
+    from PIL import Image
+
+    assert r.input_size == [8, 8] and r.invert is False
+    pixels = (splits.test[7][0][0].numpy() * 0.5 + 0.5) * 255  # undo Normalize(0.5, 0.5)
+    small = Image.fromarray(np.clip(pixels.round(), 0, 255).astype(np.uint8), "L")
+    small.save(tmp_path / "q8.png")
+    small.resize((32, 32), Image.NEAREST).convert("RGB").save(tmp_path / "q32.png")
+    r.save(tmp_path / "idx")
+    back = Retriever.load(tmp_path / "idx", device="cpu")
+    assert back.input_size == [8, 8]
+    assert back.transform()(Image.open(tmp_path / "q32.png")).shape == (1, 8, 8)
+    res = back.search([tmp_path / "q8.png", tmp_path / "q32.png"], k=1)
+    assert res.scores[0, 0] > 0.999 and res.labels[0, 0] == splits.test.labels[7]
