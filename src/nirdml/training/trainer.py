@@ -61,8 +61,8 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
 
         self.splits = builders.build_splits(config)
-        in_chans = self.splits.train[0][0].shape[0]
-        self.model = builders.build_model(config, in_chans=in_chans).to(self.device)
+        self.in_chans = int(self.splits.train[0][0].shape[0])
+        self.model = builders.build_model(config, in_chans=self.in_chans).to(self.device)
         self.criterion = builders.build_criterion(config, self.splits.train.num_classes).to(
             self.device)
         self.optimizer = builders.build_optimizer(config, self.model, self.criterion)
@@ -113,10 +113,13 @@ class Trainer:
         self.criterion.train()
         self.model.freeze_backbone(self.epoch < cfg.optim.warmup_epochs)
         self.sampler.set_epoch(self.epoch)
+        # the loader draws its worker base seed from its own generator, not the global RNG, so
+        # that a loader re-created mid-epoch (resume) leaves the augmentation stream unchanged
+        loader_rng = torch.Generator().manual_seed(cfg.seed * 100_003 + self.epoch)
         loader = torch.utils.data.DataLoader(
             self.splits.train, batch_sampler=self.sampler.from_batch(self.batch_in_epoch),
             num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda",
-            persistent_workers=False)
+            persistent_workers=False, generator=loader_rng)
         sums: dict[str, float] = {}
         steps = images = bad_in_row = bad = 0
         start = time.perf_counter()
@@ -283,7 +286,7 @@ class Trainer:
             "best_epoch": self.best_epoch,
             "bad_steps_total": self.bad_steps_total,
             "num_classes": self.splits.train.num_classes,
-            "in_chans": self.splits.train[0][0].shape[0],
+            "in_chans": self.in_chans,
             "image_kind": self.splits.image_kind,
             "world_size": self.dist.world_size,
             "rng": _rng_state(),

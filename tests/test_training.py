@@ -1,0 +1,137 @@
+"""The trainer end to end on the offline digits data: outputs, exact resume, faults."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from nirdml.cli import main
+from nirdml.errors import ConfigError, TrainingError
+from nirdml.training import Interrupted, Trainer, load_checkpoint
+from nirdml.training.config import load_config
+
+FAST = ["train.epochs=2", "train.progress=false", "train.tensorboard=false",
+        "model.embedding_dim=16", "loss.nir.subnet_width=32", "loss.nir.subnet_depth=3",
+        "loss.nir.num_blocks=2"]
+
+
+def _cfg(*extra):
+    return load_config("digits", FAST + list(extra))
+
+
+def _weights(path):
+    state = load_checkpoint(path)
+    return {**{f"m.{k}": v for k, v in state["model"].items()},
+            **{f"c.{k}": v for k, v in state["criterion"].items()}}
+
+
+def test_cli_main_job_writes_every_output(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["train", "--out", str(out)] + sum((["--set", s] for s in FAST), []))
+    assert rc == 0
+    for name in ("config.yaml", "metrics.jsonl", "final.json", "checkpoints/last.pt",
+                 "checkpoints/best.pt"):
+        assert (out / name).exists(), name
+    final = json.loads((out / "final.json").read_text())
+    for key in ("recall@1", "recall@8", "map@r", "r_precision", "map@1000", "nmi",
+                "num_queries", "lone_queries"):
+        assert key in final
+    assert final["num_queries"] == 896  # digits 5-9
+    assert final["recall@1"] > 0.5  # far above chance (0.2) after 2 epochs
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2]
+    assert {"train/proxy", "train/nir", "train/total", "time/images_per_s"} <= set(lines[0])
+    printed = capsys.readouterr().out
+    assert "recall@1" in printed and "map@r" in printed
+
+
+def test_resume_is_exact(tmp_path):
+    full = Trainer(_cfg(), tmp_path / "full")
+    full.fit()
+    first = Trainer(_cfg("train.epochs=1"), tmp_path / "split")
+    first.fit()
+    resumed = Trainer(_cfg(), tmp_path / "split", resume=True)
+    assert resumed.epoch == 1
+    resumed.fit()
+    a, b = _weights(tmp_path / "full/checkpoints/last.pt"), _weights(
+        tmp_path / "split/checkpoints/last.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_signal_mid_epoch_saves_and_resume_matches(tmp_path, monkeypatch):
+    reference = Trainer(_cfg("train.epochs=1"), tmp_path / "ref")
+    reference.fit()
+    interrupted = Trainer(_cfg("train.epochs=1"), tmp_path / "int")
+    real_step = interrupted._step
+    calls = {"n": 0}
+
+    def step_then_signal(x, y):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            os.kill(os.getpid(), __import__("signal").SIGTERM)
+        return real_step(x, y)
+
+    monkeypatch.setattr(interrupted, "_step", step_then_signal)
+    with pytest.raises(Interrupted, match="--resume"):
+        interrupted.fit()
+    assert load_checkpoint(tmp_path / "int/checkpoints/last.pt")["batch_in_epoch"] == 5
+    resumed = Trainer(_cfg("train.epochs=1"), tmp_path / "int", resume=True)
+    resumed.fit()
+    a, b = _weights(tmp_path / "ref/checkpoints/last.pt"), _weights(
+        tmp_path / "int/checkpoints/last.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_nan_loss_is_skipped_then_stops(tmp_path, monkeypatch):
+    trainer = Trainer(_cfg("train.max_bad_steps=3"), tmp_path / "nan")
+    real = trainer.criterion.forward
+    calls = {"n": 0}
+
+    def sometimes_nan(emb, labels):
+        calls["n"] += 1
+        loss = real(emb, labels)
+        return loss * float("nan") if calls["n"] in (2,) or calls["n"] >= 6 else loss
+
+    monkeypatch.setattr(trainer.criterion, "forward", sometimes_nan)
+    with pytest.raises(TrainingError) as err:
+        trainer.fit()
+    msg = str(err.value)
+    assert "3 consecutive" in msg and "optim.lr" in msg and "loss.nir.weight" in msg
+    assert "last.pt" in msg
+    assert load_checkpoint(tmp_path / "nan/checkpoints/last.pt")["bad_steps_total"] == 4
+
+
+def test_output_directory_errors(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="not writable"):
+        Trainer(_cfg(), blocker / "run")
+    Trainer(_cfg("train.epochs=1"), tmp_path / "done").fit()
+    with pytest.raises(ConfigError, match="--resume"):
+        Trainer(_cfg(), tmp_path / "done")
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        Trainer(_cfg(), tmp_path / "empty", resume=True)
+
+
+def test_select_on_test_is_labelled(tmp_path):
+    final = Trainer(_cfg("train.epochs=1", "train.select_on=test"), tmp_path / "t").fit()
+    assert "TEST" in final["selected_on"]
+
+
+def test_evaluate_and_embed_from_checkpoint(tmp_path, capsys):
+    Trainer(_cfg("train.epochs=1"), tmp_path / "r").fit()
+    ck = tmp_path / "r/checkpoints/best.pt"
+    assert main(["embed", "--checkpoint", str(ck), "--out", str(tmp_path / "e.npz")]) == 0
+    import numpy as np
+
+    data = np.load(tmp_path / "e.npz")
+    assert data["embeddings"].shape == (896, 16)
+    assert np.allclose(np.linalg.norm(data["embeddings"], axis=1), 1, atol=1e-5)
+    assert main(["evaluate", "--checkpoint", str(ck), "--json", str(tmp_path / "m.json")]) == 0
+    final = json.loads((tmp_path / "r/final.json").read_text())
+    got = json.loads((tmp_path / "m.json").read_text())
+    assert got["recall@1"] == pytest.approx(final["recall@1"])
