@@ -61,12 +61,15 @@ def ink_bright(image: np.ndarray) -> np.ndarray:
 @DATASETS.register("omniglot")
 def omniglot(root: Path | None = None, seed: int = 0, on_error: str = "skip",
              download: bool = False, background: str = "images_background",
-             evaluation: str = "images_evaluation", base_url: str = OMNIGLOT_URL) -> Splits:
+             evaluation: str = "images_evaluation", base_url: str = OMNIGLOT_URL,
+             cache_size: int | None = None) -> Splits:
     """Omniglot splits (``image_kind="gray_small"``). ``root`` defaults to
     ``$NIRDML_DATA/omniglot`` or ``~/.cache/nirdml/omniglot``. ``download=True`` fetches the
     official zips from ``base_url`` (sha256-checked where :data:`OMNIGLOT_SHA256` knows the
     value, else size > 0 and the sha256 printed). ``background``/``evaluation`` name the parts
-    (e.g. ``images_background_small1``)."""
+    (e.g. ``images_background_small1``). ``cache_size=S`` resizes the npz drawings once, at
+    load time, to ``S x S`` (area averaging, kept as uint8 in memory), so that training does not
+    pay a per-image resize of the 105 x 105 originals every epoch."""
     path = default_root("omniglot") if root is None else root
     if download:
         path.mkdir(parents=True, exist_ok=True)
@@ -76,18 +79,19 @@ def omniglot(root: Path | None = None, seed: int = 0, on_error: str = "skip",
             f"data.options.download=true) to fetch the official zips, or get "
             f"{background}.zip and {evaluation}.zip from {OFFICIAL_PAGES['omniglot']} "
             f"(python/ folder) into {path}")
-    train = _load_part(path, background, "train", download, base_url, on_error)
-    test = _load_part(path, evaluation, "test", download, base_url, on_error)
+    train = _load_part(path, background, "train", download, base_url, on_error, cache_size)
+    test = _load_part(path, evaluation, "test", download, base_url, on_error, cache_size)
     return Splits(train=train, val=None, test=test, image_kind="gray_small", name="omniglot",
                   root=path)
 
 
 def _load_part(root: Path, part: str, split: str, download: bool, base_url: str,
-               on_error: str) -> LabeledDataset:
+               on_error: str, cache_size: int | None = None) -> LabeledDataset:
     name = f"omniglot/{split}"
     npz, folder, archive = root / f"{part}.npz", root / part, root / f"{part}.zip"
     if npz.is_file():
-        return _from_npz(npz, name, on_error, first_id=1 if split == "train" else 965)
+        return _from_npz(npz, name, on_error, first_id=1 if split == "train" else 965,
+                         cache_size=cache_size)
     if not folder.is_dir():
         if not archive.is_file():
             if not download:
@@ -101,7 +105,8 @@ def _load_part(root: Path, part: str, split: str, download: bool, base_url: str,
     return _from_folder(folder, name, on_error)
 
 
-def _from_npz(path: Path, name: str, on_error: str, first_id: int) -> ArrayDataset:
+def _from_npz(path: Path, name: str, on_error: str, first_id: int,
+              cache_size: int | None = None) -> ArrayDataset:
     try:
         with np.load(path) as data:
             images, labels = data["images"], data["labels"]
@@ -115,7 +120,22 @@ def _from_npz(path: Path, name: str, on_error: str, first_id: int) -> ArrayDatas
             f"background) and int labels (classes x drawings)")
     flat = images.reshape(-1, *images.shape[2:])
     ids = (labels.reshape(-1).astype(np.int64) + first_id).tolist()
+    if cache_size:
+        return ArrayDataset(_resize_all(flat, int(cache_size)), ids, on_error=on_error, name=name)
     return ArrayDataset(flat, ids, convert=ink_bright, on_error=on_error, name=name)
+
+
+def _resize_all(images: np.ndarray, size: int, chunk: int = 4096) -> np.ndarray:
+    """Bool drawings (True = background) -> uint8 ``N x size x size`` with bright ink."""
+    import torch
+    import torch.nn.functional as F
+
+    out = np.empty((len(images), size, size), np.uint8)
+    for lo in range(0, len(images), chunk):
+        ink = torch.from_numpy(~images[lo:lo + chunk]).float()[:, None]
+        small = F.interpolate(ink, size=(size, size), mode="area")[:, 0]
+        out[lo:lo + chunk] = (small * 255).round().to(torch.uint8).numpy()
+    return out
 
 
 def _from_folder(folder: Path, name: str, on_error: str) -> FileDataset:
