@@ -1,0 +1,249 @@
+"""Tests of nirdml.nir.NIRLoss: both combination modes against the documented formulas (float64),
+gradient flow into embeddings / proxies / flow, last_terms, param_groups, the release-mode
+overflow guard, composition with every proxy loss, and bad inputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nirdml.errors import ConfigError, InputError
+from nirdml.losses import (
+    NormSoftmaxLoss,
+    ProxyAnchorLoss,
+    ProxyNCALoss,
+    SoftTripleLoss,
+)
+from nirdml.nir import NIR_MODES, ConditionalGlowFlow, NIRLoss
+from nirdml.nir.regularizer import capped_exp
+
+C, D = 6, 8
+LABELS = torch.tensor([0, 0, 2, 2, 3, 3, 5, 1, 1, 0])
+SMALL_FLOW = {"subnet_width": 16, "subnet_depth": 3}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class StandIn(nn.Module):
+    """The smallest thing that satisfies the ProxyLoss contract NIRLoss relies on."""
+
+    proxy_lr_multiplier = 10.0
+
+    def __init__(self, num_classes, embedding_dim):
+        super().__init__()
+        self.num_classes, self.embedding_dim = num_classes, embedding_dim
+        self.proxies = nn.Parameter(torch.randn(num_classes, embedding_dim))
+        self.last_terms = {}
+
+    def forward(self, emb, labels):
+        cos = F.normalize(emb, dim=1) @ F.normalize(self.proxies, dim=1).t()
+        loss = F.cross_entropy(8.0 * cos, labels)
+        self.last_terms = {"proxy": loss.detach()}
+        return loss
+
+    def class_proxies(self, emb, labels):
+        return F.normalize(self.proxies[labels], dim=1)
+
+    def param_groups(self, lr):
+        return [{"name": "proxies", "params": [self.proxies], "lr": lr * 10.0,
+                 "weight_decay": 0.0}]
+
+
+def _emb(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(len(LABELS), D, generator=g, dtype=torch.float64)
+
+
+def _nir(base_cls=ProxyAnchorLoss, mode="release", weight=0.3, seed=0, **kw):
+    torch.manual_seed(seed)
+    base = base_cls(C, D)
+    return NIRLoss(base, weight, mode=mode, **SMALL_FLOW, **kw).double()
+
+
+@pytest.mark.parametrize("mode", NIR_MODES)
+def test_modes_reduce_to_the_documented_formulas(mode):
+    nir = _nir(mode=mode, weight=0.3)
+    emb = _emb()
+    total = nir(emb, LABELS)
+    # by hand, from the pieces
+    proxy = nir.base_loss(emb, LABELS)
+    cond = nir.base_loss.class_proxies(emb, LABELS)
+    torch.testing.assert_close(cond, F.normalize(nir.proxies[LABELS], dim=1))
+    nll = nir.flow.nll(F.normalize(emb, dim=1), cond)
+    if mode == "release":
+        expected = torch.exp(nll).mean() + 0.3 * proxy
+        nir_term = torch.exp(nll).mean()
+    else:
+        expected = proxy + 0.3 * nll.mean()
+        nir_term = nll.mean()
+    torch.testing.assert_close(total, expected, rtol=1e-12, atol=1e-12)
+    terms = nir.last_terms
+    assert {"proxy", "nir", "nll", "nll_max", "total"} <= set(terms)
+    torch.testing.assert_close(terms["proxy"], proxy)
+    torch.testing.assert_close(terms["nir"], nir_term, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(terms["nll"], nll.mean(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(terms["nll_max"], nll.max(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(terms["total"], total.detach())
+    assert "proxy_pos" in terms and "proxy_neg" in terms  # ProxyAnchor's own sub-terms
+    assert all(not v.requires_grad for v in terms.values())
+
+
+@pytest.mark.parametrize("mode", NIR_MODES)
+def test_gradients_match_the_formula_and_reach_everything(mode):
+    nir = _nir(mode=mode, weight=0.5)
+    ref = _nir(mode=mode, weight=0.5)
+    ref.flow.fused = False  # plain autograd as the reference
+    emb = _emb(1)
+    e1, e2 = emb.clone().requires_grad_(), emb.clone().requires_grad_()
+    nir(e1, LABELS).backward()
+    proxy = ref.base_loss(e2, LABELS)
+    nll = ref.flow.nll(F.normalize(e2, dim=1), ref.base_loss.class_proxies(e2, LABELS))
+    if mode == "release":
+        (torch.exp(nll).mean() + 0.5 * proxy).backward()
+    else:
+        (proxy + 0.5 * nll.mean()).backward()
+    torch.testing.assert_close(e1.grad, e2.grad, rtol=1e-10, atol=1e-12)
+    for (name, p), q in zip(nir.named_parameters(), ref.parameters()):
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_the_flow_term_alone_moves_the_proxies():
+    """The NIR term conditions on the proxies, so it must give them a gradient by itself."""
+    nir = _nir(mode="paper", weight=1.0)
+    emb = _emb(2).requires_grad_()
+    nll = nir.flow.nll(F.normalize(emb, dim=1), nir.base_loss.class_proxies(emb, LABELS))
+    nll.mean().backward()
+    assert nir.proxies.grad.abs().sum() > 0 and emb.grad.abs().sum() > 0
+    present = torch.zeros(C, dtype=torch.bool)
+    present[LABELS] = True
+    assert (nir.proxies.grad[~present] == 0).all()  # absent classes get nothing from NIR
+
+
+@pytest.mark.parametrize("base_cls", [ProxyAnchorLoss, ProxyNCALoss, SoftTripleLoss,
+                                      NormSoftmaxLoss, StandIn])
+def test_composes_with_every_proxy_loss(base_cls):
+    torch.manual_seed(0)
+    base = base_cls(C, D)
+    nir = NIRLoss(base, 0.1, **SMALL_FLOW).double()
+    emb = _emb(3).requires_grad_()
+    total = nir(emb, LABELS)
+    total.backward()
+    assert torch.isfinite(total) and emb.grad.abs().sum() > 0
+    assert nir.proxies is base.proxies and nir.proxies.grad.abs().sum() > 0
+    assert nir.num_classes == C and nir.embedding_dim == D
+
+
+def test_param_groups():
+    nir = _nir()
+    groups = nir.param_groups(1e-5)
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["proxies"]["lr"] == pytest.approx(1e-5 * nir.base_loss.proxy_lr_multiplier)
+    assert by_name["proxies"]["params"] == [nir.proxies]
+    assert by_name["flow"]["lr"] == pytest.approx(1e-5 * 50.0)
+    assert by_name["flow"]["weight_decay"] == 0.0 and by_name["proxies"]["weight_decay"] == 0.0
+    listed = [p for g in groups for p in g["params"]]
+    assert len(listed) == len({id(p) for p in listed})  # nothing twice
+    assert {id(p) for p in listed} == {id(p) for p in nir.parameters()}  # nothing missing
+    groups = nir.param_groups(1e-5, proxy_lr_multiplier=4000, flow_lr_multiplier=1.0)
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["proxies"]["lr"] == pytest.approx(4e-2)
+    assert by_name["flow"]["lr"] == pytest.approx(1e-5)
+    assert nir.base_loss.param_groups(1e-5)[0]["lr"] == pytest.approx(
+        1e-5 * nir.base_loss.proxy_lr_multiplier
+    )  # the override does not leak into the base loss
+    torch.optim.Adam(nir.param_groups(1e-3))  # a valid optimizer spec
+
+
+def test_capped_exp():
+    nll = torch.tensor([-3.0, 0.0, 5.0, 9.99, 10.0, 10.5, 200.0, 1e30], dtype=torch.float64,
+                       requires_grad=True)
+    out = capped_exp(nll, 10.0)
+    below = nll.detach() <= 10.0
+    torch.testing.assert_close(out[below], torch.exp(nll.detach()[below]))
+    torch.testing.assert_close(out[5], math.exp(10.0) * 1.5 * torch.ones((), dtype=torch.float64))
+    assert torch.isfinite(out).all()
+    out.sum().backward()
+    torch.testing.assert_close(nll.grad[:4], torch.exp(nll.detach()[:4]))
+    assert torch.isfinite(nll.grad).all() and (nll.grad[5:] == math.exp(10.0)).all()
+    assert torch.equal(capped_exp(nll.detach(), None), torch.exp(nll.detach()))
+
+
+def test_release_mode_stays_finite_when_exp_would_overflow():
+    torch.manual_seed(0)
+    flow = ConditionalGlowFlow(D, **SMALL_FLOW)
+    with torch.no_grad():
+        flow.b_out[-1][D // 2:].fill_(30.0)  # huge shifts: 0.5 ||z||^2 ~ 1800 > 88
+    base = ProxyAnchorLoss(C, D)
+    emb = _emb(4).float().requires_grad_()
+    nir = NIRLoss(base, 0.01, flow=flow)
+    total = nir(emb, LABELS)
+    assert nir.last_terms["nll_max"] > 88  # plain exp() would be inf in float32
+    assert torch.isfinite(total)
+    total.backward()
+    assert torch.isfinite(emb.grad).all() and torch.isfinite(base.proxies.grad).all()
+    uncapped = NIRLoss(base, 0.01, flow=flow, nll_cap=None)
+    assert torch.isinf(uncapped(emb, LABELS))
+
+
+def test_low_precision_embeddings_and_autocast():
+    nir = NIRLoss(ProxyAnchorLoss(C, D), 0.01, **SMALL_FLOW)
+    emb = _emb(5).float()
+    ref = nir(emb, LABELS)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        out = nir(emb, LABELS)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref)
+    half = nir(emb.to(torch.bfloat16), LABELS)
+    assert half.dtype == torch.float32 and torch.isfinite(half)
+
+
+def test_state_dict_round_trip():
+    a = _nir(seed=0)
+    b = _nir(seed=1)
+    b.load_state_dict(a.state_dict())
+    emb = _emb(6)
+    torch.testing.assert_close(a(emb, LABELS), b(emb, LABELS), rtol=0, atol=0)
+    assert "flow.perms" in a.state_dict() and "base_loss.proxies" in a.state_dict()
+
+
+def test_config_errors():
+    base = ProxyAnchorLoss(C, D)
+    with pytest.raises(ConfigError, match="release, paper"):
+        NIRLoss(base, 0.1, mode="both")
+    with pytest.raises(ConfigError, match="weight"):
+        NIRLoss(base, -1.0)
+    with pytest.raises(ConfigError, match="embedding_dim"):
+        NIRLoss(base, 0.1, flow=ConditionalGlowFlow(D + 1, **SMALL_FLOW))
+    with pytest.raises(ConfigError, match="not both"):
+        NIRLoss(base, 0.1, flow=ConditionalGlowFlow(D, **SMALL_FLOW), subnet_width=8)
+    with pytest.raises(ConfigError, match="proxy loss"):
+        NIRLoss(nn.Linear(D, D), 0.1)
+    with pytest.raises(ConfigError, match="cond_mode"):
+        NIRLoss(base, 0.1, cond_mode="nowhere")
+
+
+def test_input_errors_come_from_the_base_loss_checks():
+    nir = _nir()
+    emb = _emb()
+    with pytest.raises(InputError, match="labels out of range"):
+        nir(emb, torch.full_like(LABELS, C))
+    with pytest.raises(InputError, match="embedding dim mismatch"):
+        nir(emb[:, :-1], LABELS)
+    with pytest.raises(InputError, match="labels length mismatch"):
+        nir(emb, LABELS[:-1])
+    bad = emb.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(InputError, match="NaN"):
+        nir(bad, LABELS)
