@@ -21,7 +21,9 @@ class Registry:
         self.kind = kind
         self._factories: dict[str, Callable[..., Any]] = {}
 
-    def register(self, name: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def register(
+        self, name: str | None = None
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         def decorator(factory: Callable[..., Any]) -> Callable[..., Any]:
             key = (name or factory.__name__).lower()
             if key in self._factories:

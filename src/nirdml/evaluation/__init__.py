@@ -1,0 +1,44 @@
+"""Evaluation of embeddings: Recall@k, MAP@R, R-Precision, mAP@1000, NMI/AMI and pair F1.
+
+``evaluate(embeddings, labels, ...)`` is the entry point (``core``); neighbour search backends
+and the tie-breaking rule live in ``knn``, metric definitions in ``metrics`` and ``clustering``,
+``.npz`` loading and table/JSON output in ``report``.
+"""
+
+from __future__ import annotations
+
+from nirdml.evaluation.core import (
+    DEFAULT_METRICS,
+    DEFAULT_RECALL_KS,
+    METRIC_NAMES,
+    SOP_RECALL_KS,
+    LoneQueryWarning,
+    evaluate,
+    normalize_embeddings,
+    parse_metrics,
+)
+from nirdml.evaluation.report import (
+    evaluate_npz,
+    format_metrics_table,
+    load_npz,
+    metrics_to_jsonable,
+    print_metrics_table,
+    write_metrics_json,
+)
+
+__all__ = [
+    "DEFAULT_METRICS",
+    "DEFAULT_RECALL_KS",
+    "METRIC_NAMES",
+    "SOP_RECALL_KS",
+    "LoneQueryWarning",
+    "evaluate",
+    "evaluate_npz",
+    "format_metrics_table",
+    "load_npz",
+    "metrics_to_jsonable",
+    "normalize_embeddings",
+    "parse_metrics",
+    "print_metrics_table",
+    "write_metrics_json",
+]

@@ -1,0 +1,138 @@
+"""Clustering metrics: seeded k-means (faiss or torch) and NMI, AMI, pair-counting F1.
+
+NMI uses the arithmetic-mean normalisation (scikit-learn's default and PyTorch Metric Learning's),
+with the same limit cases: 1.0 when both partitions have a single cluster, 0.0 when the mutual
+information is 0. The pair-counting F1 treats "same cluster" as a prediction of "same class" for
+each of the N(N-1)/2 pairs; it is computed from the sparse contingency table in O(N log N), never
+by enumerating pairs, and is 1.0 when neither partition puts any two samples together.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+CLUSTERING_METRICS = ("nmi", "ami", "f1")
+
+
+def kmeans_faiss(x: np.ndarray, k: int, seed: int = 0, niter: int = 20) -> np.ndarray:
+    """Cluster ids (int64) from ``faiss.Kmeans`` (L2, ``niter`` Lloyd steps, fixed seed)."""
+    import faiss
+
+    from nirdml.evaluation.knn import faiss_blas_blocks
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    km = faiss.Kmeans(x.shape[1], int(k), niter=int(niter), seed=int(seed), verbose=False)
+    km.cp.min_points_per_centroid = 1  # silence faiss's "please provide more points" warning
+    km.cp.max_points_per_centroid = max(256, -(-x.shape[0] // max(int(k), 1)))  # no subsampling
+    with faiss_blas_blocks(faiss, 4096, 16384):
+        km.train(x)
+        _, assign = km.index.search(x, 1)
+    return assign[:, 0].astype(np.int64)
+
+
+def kmeans_torch(
+    x: np.ndarray, k: int, seed: int = 0, niter: int = 20, device=None, block: int = 8192
+) -> np.ndarray:
+    """Cluster ids (int64) from a seeded Lloyd's k-means in torch (the faiss-free fallback).
+
+    Centroids start at ``k`` distinct random samples; an emptied cluster is re-seeded with a
+    random sample. Results differ from faiss's (another initialisation), not in quality.
+    """
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    rng = np.random.default_rng(seed)
+    n = x.shape[0]
+    k = int(k)
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
+    centroids = xt[torch.from_numpy(rng.choice(n, size=k, replace=False)).to(device)].clone()
+
+    def assign() -> torch.Tensor:
+        out = torch.empty(n, dtype=torch.long, device=device)
+        half_sq = 0.5 * (centroids * centroids).sum(dim=1)
+        for s in range(0, n, block):
+            scores = xt[s : s + block] @ centroids.T - half_sq  # argmax == nearest in L2
+            out[s : s + block] = scores.argmax(dim=1)
+        return out
+
+    with torch.no_grad():
+        for _ in range(int(niter)):
+            labels = assign()
+            sums = torch.zeros_like(centroids).index_add_(0, labels, xt)
+            counts = torch.bincount(labels, minlength=k)
+            empty = (counts == 0).nonzero()[:, 0]
+            nonempty = counts > 0
+            centroids[nonempty] = sums[nonempty] / counts[nonempty, None].to(sums.dtype)
+            if empty.numel():
+                pick = torch.from_numpy(rng.choice(n, size=empty.numel(), replace=False))
+                centroids[empty] = xt[pick.to(device)]
+        labels = assign()
+    return labels.cpu().numpy().astype(np.int64)
+
+
+def contingency(labels_true, labels_pred):
+    """Sparse contingency table ``(a, b, rows, cols, cells)``.
+
+    ``a``: class sizes, ``b``: cluster sizes, and for each non-empty cell its class row, cluster
+    column and count -- O(N log N) time and O(N) memory whatever the numbers of classes/clusters.
+    """
+    _, t = np.unique(np.asarray(labels_true).ravel(), return_inverse=True)
+    _, p = np.unique(np.asarray(labels_pred).ravel(), return_inverse=True)
+    t = t.ravel().astype(np.int64)
+    p = p.ravel().astype(np.int64)
+    width = int(p.max()) + 1 if p.size else 1
+    keys, cells = np.unique(t * width + p, return_counts=True)
+    return np.bincount(t), np.bincount(p), keys // width, keys % width, cells
+
+
+def _entropy(counts: np.ndarray, n: int) -> float:
+    f = counts[counts > 0].astype(np.float64) / n
+    return float(-(f * np.log(f)).sum())
+
+
+def nmi(labels_true, labels_pred) -> float:
+    """Normalised mutual information (arithmetic mean of the two entropies)."""
+    a, b, rows, cols, cells = contingency(labels_true, labels_pred)
+    if a.size == b.size == 1:
+        return 1.0
+    n = int(a.sum())
+    nij = cells.astype(np.float64)
+    log_n = np.log(n)
+    terms = nij / n * (np.log(nij) + log_n - np.log(a[rows].astype(np.float64))
+                       - np.log(b[cols].astype(np.float64)))
+    mi = max(float(terms.sum()), 0.0)
+    if mi == 0.0:
+        return 0.0
+    norm = 0.5 * (_entropy(a, n) + _entropy(b, n))
+    return float(mi / max(norm, np.finfo(np.float64).eps))
+
+
+def ami(labels_true, labels_pred) -> float:
+    """Adjusted mutual information (scikit-learn's, arithmetic normalisation)."""
+    from sklearn.metrics import adjusted_mutual_info_score
+
+    return float(adjusted_mutual_info_score(np.asarray(labels_true), np.asarray(labels_pred)))
+
+
+def pair_f1(labels_true, labels_pred) -> float:
+    """Pair-counting F1 = 2 TP / (pairs in same cluster + pairs in same class)."""
+    a, b, _, _, cells = contingency(labels_true, labels_pred)
+
+    def pairs(x: np.ndarray) -> int:
+        x = x.astype(np.int64)
+        return int((x * (x - 1) // 2).sum())
+
+    tp, pred_pairs, true_pairs = pairs(cells), pairs(b), pairs(a)
+    if pred_pairs + true_pairs == 0:
+        return 1.0
+    return 2.0 * tp / (pred_pairs + true_pairs)
+
+
+def clustering_scores(labels: np.ndarray, assignments: np.ndarray, which) -> dict[str, float]:
+    """The requested subset of ``nmi``, ``ami``, ``f1`` for a clustering of labelled samples."""
+    out: dict[str, float] = {}
+    for name in CLUSTERING_METRICS:
+        if name in which:
+            out[name] = {"nmi": nmi, "ami": ami, "f1": pair_f1}[name](labels, assignments)
+    return out

@@ -1,0 +1,335 @@
+"""``evaluate``: retrieval and clustering metrics of an embedding set on cosine similarity."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from nirdml.errors import ConfigError, InputError
+from nirdml.evaluation.clustering import CLUSTERING_METRICS, clustering_scores
+from nirdml.evaluation.knn import knn_blocks, resolve_backend
+from nirdml.evaluation.metrics import MAP_AT, RankingAccumulator
+
+DEFAULT_RECALL_KS = (1, 2, 4, 8)
+SOP_RECALL_KS = (1, 10, 100, 1000)
+DEFAULT_METRICS = ("recall", "map@r", "r_precision", "map@1000", "nmi", "f1")
+METRIC_NAMES = (
+    "recall", "recall@K", "precision", "precision@K", "map@r", "r_precision", "map@1000",
+    "nmi", "ami", "f1",
+)
+_FIXED_ORDER = ("map@r", "r_precision", "map@1000", *CLUSTERING_METRICS)
+
+
+class LoneQueryWarning(UserWarning):
+    """Every query's class is missing from the gallery, so retrieval metrics are NaN."""
+
+
+@dataclass
+class MetricSpec:
+    """Which metrics to compute (parsed from the ``metrics`` argument)."""
+
+    recall_ks: list[int] = field(default_factory=list)
+    precision_ks: list[int] = field(default_factory=list)
+    fixed: list[str] = field(default_factory=list)
+
+    @property
+    def ranking(self) -> bool:
+        """Whether a neighbour search is needed."""
+        return bool(self.recall_ks or self.precision_ks) or any(
+            m in self.fixed for m in ("map@r", "r_precision", "map@1000")
+        )
+
+    @property
+    def clustering(self) -> list[str]:
+        """The requested clustering metrics."""
+        return [m for m in CLUSTERING_METRICS if m in self.fixed]
+
+
+def _parse_k(name: str, text: str) -> int:
+    try:
+        k = int(text)
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise ConfigError(f"metric {name!r}: k must be a positive integer")
+    return k
+
+
+def parse_metrics(
+    metrics: str | Iterable[str] | None, recall_ks: Sequence[int] = DEFAULT_RECALL_KS
+) -> MetricSpec:
+    """Parse metric names (see ``METRIC_NAMES``; ``"recall"``/``"precision"`` use ``recall_ks``)."""
+    ks = []
+    for k in recall_ks:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ConfigError(f"recall_ks must be positive integers; got {list(recall_ks)!r}")
+        ks.append(int(k))
+    if metrics is None:
+        metrics = DEFAULT_METRICS
+    elif isinstance(metrics, str):
+        metrics = [m for m in metrics.replace(",", " ").split() if m]
+    spec = MetricSpec()
+    for raw in metrics:
+        name = str(raw).strip().lower()
+        if name == "recall":
+            spec.recall_ks.extend(ks)
+        elif name == "precision":
+            spec.precision_ks.extend(ks)
+        elif name.startswith("recall@"):
+            spec.recall_ks.append(_parse_k(name, name[7:]))
+        elif name.startswith("precision@"):
+            spec.precision_ks.append(_parse_k(name, name[10:]))
+        elif name in _FIXED_ORDER:
+            spec.fixed.append(name)
+        else:
+            raise ConfigError(
+                f"unknown metric {raw!r}; choose from {', '.join(METRIC_NAMES)} "
+                "(K a positive integer)"
+            )
+    spec.recall_ks = sorted(set(spec.recall_ks))
+    spec.precision_ks = sorted(set(spec.precision_ks))
+    spec.fixed = [m for m in _FIXED_ORDER if m in spec.fixed]
+    if not (spec.ranking or spec.clustering):
+        raise ConfigError("no metric requested")
+    return spec
+
+
+def _to_numpy(x, what: str) -> np.ndarray:
+    if x is None:
+        raise InputError(f"{what} is missing")
+    if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch tensor
+        x = x.detach().cpu()
+        if hasattr(x, "is_floating_point") and x.is_floating_point():
+            x = x.float()
+        x = x.numpy()
+    return np.asarray(x)
+
+
+def normalize_embeddings(embeddings) -> np.ndarray:
+    """Validate a ``(N, D)`` array/tensor and return it L2-normalised as C-contiguous float32."""
+    x = _to_numpy(embeddings, "embeddings")
+    if x.ndim != 2:
+        raise InputError(
+            f"embeddings must be a 2-D array (N samples x D dims); got shape {tuple(x.shape)}"
+        )
+    if x.shape[0] == 0:
+        raise InputError("embeddings has no rows: there is nothing to evaluate")
+    if x.shape[1] == 0:
+        raise InputError("embeddings has 0 columns (D = 0)")
+    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+        raise InputError(f"embeddings must be numeric; got dtype {x.dtype}")
+    x = np.array(x, dtype=np.float32, order="C", copy=True)  # normalised below, in place
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise InputError(
+            f"embeddings contain NaN or inf in {rows.size} of {x.shape[0]} rows (first: "
+            f"{rows[:5].tolist()}); fix the model output or drop those samples"
+        )
+    norms = np.linalg.norm(x, axis=1)
+    zero = norms == 0
+    if zero.any():
+        warnings.warn(
+            f"{int(zero.sum())} embedding rows are all zeros; they score 0 against everything",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        norms[zero] = 1.0
+    x /= norms[:, None]
+    return x
+
+
+def _labels(labels, n: int) -> np.ndarray:
+    y = _to_numpy(labels, "labels")
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise InputError(f"labels must be 1-D (one integer per sample); got shape {y.shape}")
+    if y.shape[0] != n:
+        raise InputError(
+            f"labels has {y.shape[0]} entries but embeddings has {n} rows; they must match"
+        )
+    if np.issubdtype(y.dtype, np.floating):
+        if not np.isfinite(y).all() or not np.all(y == np.round(y)):
+            raise InputError("labels must be integers (class ids); got non-integral values")
+        y = y.astype(np.int64)
+    elif not (np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_):
+        raise InputError(f"labels must be integers (class ids); got dtype {y.dtype}")
+    return y.astype(np.int64, copy=False)
+
+
+def _mask(mask, n: int, what: str) -> np.ndarray:
+    if mask is None:
+        return np.ones(n, dtype=bool)
+    m = _to_numpy(mask, what)
+    if m.ndim != 1 or m.shape[0] != n:
+        raise InputError(f"{what} must be a 1-D boolean array of length {n}; got shape {m.shape}")
+    if m.dtype != np.bool_:
+        if not np.isin(m, (0, 1)).all():
+            raise InputError(f"{what} must be boolean (or 0/1); got other values")
+        m = m.astype(bool)
+    if not m.any():
+        raise InputError(f"{what} selects no samples: the {what.split('_')[0]} set is empty")
+    return m
+
+
+def _relevant_counts(
+    q_labels: np.ndarray, g_labels: np.ndarray, q_in_gallery: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per query: R (same-label gallery items other than itself) and C (map@1000's class size)."""
+    uniq, counts = np.unique(g_labels, return_counts=True)
+    pos = np.searchsorted(uniq, q_labels)
+    pos = np.minimum(pos, uniq.size - 1)
+    found = uniq[pos] == q_labels
+    c = np.where(found, counts[pos], 0).astype(np.int64)
+    r = c - q_in_gallery.astype(np.int64)
+    return r, c
+
+
+def _ranking(spec, x, y, q_index, g_index, self_pos, r, c, backend, block_size, device,
+             max_bytes) -> dict[str, float]:
+    """Search the neighbours of the non-lone queries block by block and average the metrics."""
+    keep = r > 0
+    acc = RankingAccumulator(
+        spec.recall_ks,
+        spec.precision_ks,
+        map_r="map@r" in spec.fixed,
+        r_precision="r_precision" in spec.fixed,
+        map_1000="map@1000" in spec.fixed,
+    )
+    if not keep.any():
+        warnings.warn(
+            f"all {q_index.size} queries are lone (no other sample of their class in the "
+            "gallery); retrieval metrics are NaN",
+            LoneQueryWarning,
+            stacklevel=3,
+        )
+        return acc.result()
+    k = max(spec.recall_ks + spec.precision_ks + [1])
+    if "map@r" in spec.fixed or "r_precision" in spec.fixed:
+        k = max(k, int(r[keep].max()))
+    if "map@1000" in spec.fixed:
+        k = max(k, MAP_AT)
+    available = g_index.size - int((self_pos[keep] >= 0).any())
+    too_big = [kk for kk in spec.recall_ks + spec.precision_ks if kk > available]
+    if too_big:
+        warnings.warn(
+            f"k = {too_big} exceeds the {available} neighbours a query can have; "
+            "recall uses all of them and precision still divides by k",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    n = x.shape[0]
+    qs = q_index[keep]
+    r_keep, c_keep = r[keep], c[keep]
+    g_labels, q_labels = y[g_index], y[qs]
+    for start, stop, table in knn_blocks(
+        x if qs.size == n else x[qs],
+        x if g_index.size == n else x[g_index],
+        self_pos[keep],
+        k,
+        backend=backend,
+        block_size=block_size,
+        device=device,
+        max_memory_bytes=max_bytes,
+        query_labels=q_labels,
+        gallery_labels=g_labels,
+    ):
+        rel = (g_labels[table] == q_labels[start:stop, None]) & (table >= 0)
+        acc.update(rel, r_keep[start:stop], c_keep[start:stop])
+    return acc.result()
+
+
+def _cluster(xs, n_classes, backend, seed, iters, cluster_fn, device) -> np.ndarray:
+    """Cluster ids of ``xs`` from ``cluster_fn`` or the backend's seeded k-means."""
+    if cluster_fn is not None:
+        assign = np.asarray(cluster_fn(xs, n_classes, seed)).reshape(-1)
+        if assign.shape[0] != xs.shape[0]:
+            raise InputError(f"cluster_fn returned {assign.shape[0]} ids for {xs.shape[0]} samples")
+        return assign
+    if backend == "faiss":
+        from nirdml.evaluation.clustering import kmeans_faiss
+
+        return kmeans_faiss(xs, n_classes, seed=seed, niter=iters)
+    from nirdml.evaluation.clustering import kmeans_torch
+
+    return kmeans_torch(xs, n_classes, seed=seed, niter=iters, device=device)
+
+
+def evaluate(
+    embeddings,
+    labels,
+    metrics: str | Iterable[str] | None = None,
+    query_mask=None,
+    gallery_mask=None,
+    recall_ks: Sequence[int] = DEFAULT_RECALL_KS,
+    *,
+    backend: str = "auto",
+    kmeans_seed: int = 0,
+    kmeans_iters: int = 20,
+    cluster_fn: Callable[[np.ndarray, int, int], np.ndarray] | None = None,
+    device=None,
+    block_size: int | None = None,
+    max_memory_mb: float | None = None,
+) -> dict:
+    """Retrieval and clustering metrics of ``embeddings`` (N x D, numpy or torch) on cosine.
+
+    Every sample is a query against all others unless ``query_mask`` / ``gallery_mask`` (bool,
+    length N) pick the query and gallery sets (In-Shop style); a sample in both never retrieves
+    itself. Queries whose class has no other gallery member are left out and counted as
+    ``lone_queries``; ``num_queries`` counts the queries the retrieval metrics average over.
+
+    ``metrics``: names from ``METRIC_NAMES`` (default ``DEFAULT_METRICS``); ``"recall"`` and
+    ``"precision"`` expand to ``recall_ks``; ``"recall@K"`` / ``"precision@K"`` pick any K.
+    Returned keys: ``recall@K``, ``precision@K``, ``map@r``, ``r_precision``, ``map@1000``,
+    ``nmi``, ``ami``, ``f1`` (only those requested; floats, fractions in [0, 1], NaN when no query
+    is left) plus ``lone_queries`` and ``num_queries`` (ints). Definitions: ``metrics`` and
+    ``clustering`` module docs; neighbour order and tie breaking: ``knn`` module doc.
+
+    Clustering runs k-means (``kmeans_iters`` steps, seed ``kmeans_seed``; faiss, or torch for
+    ``backend="torch"``) with K = number of classes on every sample in the query or gallery set,
+    unless ``cluster_fn(x, K, seed) -> ids`` is given. ``backend``: ``"auto"`` (faiss when
+    installed), ``"faiss"`` or ``"torch"`` (``device`` picks its device, default CUDA when
+    available). ``block_size`` / ``max_memory_mb`` bound the query blocks (default: from the
+    memory available, at most 512 MiB).
+    """
+    spec = parse_metrics(metrics, recall_ks)
+    backend = resolve_backend(backend)
+    x = normalize_embeddings(embeddings)
+    n = x.shape[0]
+    y = _labels(labels, n)
+    q_mask = _mask(query_mask, n, "query_mask")
+    g_mask = _mask(gallery_mask, n, "gallery_mask")
+    max_bytes = None if max_memory_mb is None else int(max_memory_mb * 2**20)
+
+    q_index = np.flatnonzero(q_mask)
+    g_index = np.flatnonzero(g_mask)
+    g_pos = np.full(n, -1, dtype=np.int64)
+    g_pos[g_index] = np.arange(g_index.size)
+    self_pos = g_pos[q_index]
+    r, c = _relevant_counts(y[q_index], y[g_index], self_pos >= 0)
+
+    results: dict = {}
+    if spec.ranking:
+        results.update(
+            _ranking(spec, x, y, q_index, g_index, self_pos, r, c, backend, block_size, device,
+                     max_bytes)
+        )
+    if spec.clustering:
+        members = np.flatnonzero(q_mask | g_mask)
+        if members.size == n:
+            xs, ys = x, y
+        else:
+            xs, ys = x[members], y[members]
+        assign = _cluster(xs, int(np.unique(ys).size), backend, kmeans_seed, kmeans_iters,
+                          cluster_fn, device)
+        results.update(clustering_scores(ys, assign, spec.clustering))
+    ordered = {f"recall@{k}": results[f"recall@{k}"] for k in spec.recall_ks}
+    ordered.update({f"precision@{k}": results[f"precision@{k}"] for k in spec.precision_ks})
+    ordered.update({m: results[m] for m in spec.fixed})
+    ordered["lone_queries"] = int((r <= 0).sum())
+    ordered["num_queries"] = int((r > 0).sum())
+    return ordered

@@ -1,0 +1,95 @@
+"""Embedding files (``.npz``) in, metric tables and JSON out."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import zipfile
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+
+from nirdml.errors import InputError
+
+NPZ_REQUIRED = ("embeddings", "labels")
+NPZ_OPTIONAL = ("is_query", "is_gallery")
+
+
+def load_npz(path: str | Path) -> dict[str, np.ndarray | None]:
+    """Read ``embeddings`` (N x D), ``labels`` (N) and optional ``is_query``/``is_gallery``."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"embeddings file {str(path)!r} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            present = list(data.files)
+            missing = [k for k in NPZ_REQUIRED if k not in present]
+            if missing:
+                raise InputError(
+                    f"{str(path)!r} lacks key(s) {missing}; it has {present}. Save it with "
+                    "np.savez(path, embeddings=..., labels=..., [is_query=..., is_gallery=...])"
+                )
+            return {k: (data[k] if k in present else None) for k in NPZ_REQUIRED + NPZ_OPTIONAL}
+    except InputError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise InputError(f"cannot read {str(path)!r} as an .npz archive: {exc}") from exc
+
+
+def evaluate_npz(path: str | Path, metrics=None, recall_ks=(1, 2, 4, 8), **kwargs) -> dict:
+    """``evaluate`` on the arrays of an ``.npz`` file (see ``load_npz``); kwargs go through."""
+    from nirdml.evaluation.core import evaluate
+
+    data = load_npz(path)
+    return evaluate(
+        data["embeddings"],
+        data["labels"],
+        metrics=metrics,
+        query_mask=data["is_query"],
+        gallery_mask=data["is_gallery"],
+        recall_ks=recall_ks,
+        **kwargs,
+    )
+
+
+def format_metrics_table(results: dict, title: str | None = None) -> str:
+    """A two-column text table: fractions with 4 decimals and as percentages, counts as ints."""
+    width = max([len(k) for k in results] + [6])
+    lines = [title] if title else []
+    lines.append(f"{'metric':<{width}}  {'value':>8}  {'%':>7}")
+    lines.append("-" * (width + 19))
+    for key, value in results.items():
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+            lines.append(f"{key:<{width}}  {int(value):>8d}")
+        elif value is None or (isinstance(value, float) and math.isnan(value)):
+            lines.append(f"{key:<{width}}  {'nan':>8}")
+        else:
+            lines.append(f"{key:<{width}}  {float(value):>8.4f}  {100 * float(value):>6.2f}%")
+    return "\n".join(lines)
+
+
+def print_metrics_table(results: dict, file: TextIO | None = None, title: str | None = None):
+    """Print ``format_metrics_table(results)`` (to stdout by default)."""
+    print(format_metrics_table(results, title=title), file=file or sys.stdout)
+
+
+def metrics_to_jsonable(results: dict) -> dict:
+    """The same numbers with NaN as ``None`` (JSON ``null``) and numpy scalars as Python ones."""
+    out = {}
+    for key, value in results.items():
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+            out[key] = int(value)
+        else:
+            value = float(value)
+            out[key] = None if math.isnan(value) else value
+    return out
+
+
+def write_metrics_json(results: dict, path: str | Path) -> None:
+    """Write the metrics dict as JSON (keys as ``evaluate`` returns them)."""
+    path = Path(path)
+    if path.parent and not path.parent.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(metrics_to_jsonable(results), indent=2) + "\n")
