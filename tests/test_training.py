@@ -135,3 +135,50 @@ def test_evaluate_and_embed_from_checkpoint(tmp_path, capsys):
     final = json.loads((tmp_path / "r/final.json").read_text())
     got = json.loads((tmp_path / "m.json").read_text())
     assert got["recall@1"] == pytest.approx(final["recall@1"])
+
+
+def _crash_worker_once(dataset, marker, at_index):
+    """Make a loader worker kill itself (SIGKILL) the first time it loads ``at_index``."""
+    import signal
+
+    base = type(dataset)
+
+    def getitem(self, i):
+        info = torch.utils.data.get_worker_info()
+        if info is not None and i == at_index and not marker.exists():
+            marker.write_text("crashed")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return base.__getitem__(self, i)
+
+    dataset.__class__ = type("CrashOnce", (base,), {"__getitem__": getitem})
+
+
+def _record_batches(trainer):
+    """Record the labels of every batch the trainer steps on."""
+    seen, step = [], trainer._step
+
+    def recording_step(x, y):
+        seen.append(y.tolist())
+        return step(x, y)
+
+    trainer._step = recording_step
+    return seen
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork-started loader workers")
+def test_crashed_loader_worker_restarts_and_loses_nothing(tmp_path):
+    reference = Trainer(_cfg("train.epochs=1", "data.num_workers=1"), tmp_path / "ref")
+    expected = _record_batches(reference)
+    reference.fit()
+    crashy = Trainer(_cfg("train.epochs=1", "data.num_workers=1"), tmp_path / "crash")
+    seen = _record_batches(crashy)
+    batches = list(crashy.sampler.from_batch(0))
+    _crash_worker_once(crashy.splits.train, tmp_path / "marker", batches[3][0])
+    with pytest.warns(RuntimeWarning, match="data-loader worker crashed"):
+        final = crashy.fit()
+    assert (tmp_path / "marker").exists()
+    record = json.loads((tmp_path / "crash/metrics.jsonl").read_text().splitlines()[0])
+    assert record["data/loader_restarts"] == 1
+    # every batch trained on exactly once, in the same order (augmentations may differ)
+    assert seen == expected and len(seen) == len(batches)
+    assert final["recall@1"] > 0.4

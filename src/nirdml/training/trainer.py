@@ -10,8 +10,10 @@ Everything a run produces lands in one output folder::
     OUT/tensorboard/           TensorBoard event files
 
 Faults: a non-finite loss or gradient skips the step (counted); ``max_bad_steps`` of them in a
-row stop the run with a message. SIGINT/SIGTERM finish the current step, write ``last.pt``
-(with the position inside the epoch) and exit; ``resume=True`` continues exactly from there.
+row stop the run with a message. A crashed data-loader worker restarts the loader at the first
+batch not trained on (counted in ``data/loader_restarts``). SIGINT/SIGTERM finish the current
+step, write ``last.pt`` (with the position inside the epoch) and exit; ``resume=True``
+continues exactly from there.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import math
 import random
 import signal
 import sys
+import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -35,6 +38,38 @@ from nirdml.training import builders
 from nirdml.training.checkpoint import load_checkpoint, save_checkpoint
 from nirdml.training.config import Config, load_config
 from nirdml.training.distributed import DistContext
+
+MAX_LOADER_RESTARTS = 5  # crashed data-loader workers tolerated per epoch
+
+
+@contextmanager
+def _worker_crash_deferred():
+    """Hold PyTorch's "DataLoader worker died" check until the block has finished.
+
+    The loader reports a dead worker from a SIGCHLD handler, which raises in the main thread
+    wherever it happens to be (mid optimiser step, for instance). Inside this block SIGCHLD only
+    records that it came; on a normal exit the loader's handler runs then, so the error surfaces
+    between batches where the epoch loop can restart the loader. Blocking the signal with
+    ``pthread_sigmask`` is not enough: another thread (OpenMP, pin-memory) may receive it.
+    """
+    if (not hasattr(signal, "SIGCHLD")
+            or threading.current_thread() is not threading.main_thread()):
+        yield
+        return
+    previous = signal.getsignal(signal.SIGCHLD)
+    if not callable(previous):  # no loader handler installed (num_workers=0): nothing to hold
+        yield
+        return
+    pending: list[int] = []
+    signal.signal(signal.SIGCHLD, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    except BaseException:
+        signal.signal(signal.SIGCHLD, previous)
+        raise
+    signal.signal(signal.SIGCHLD, previous)
+    if pending:
+        previous(signal.SIGCHLD, None)
 
 
 class Interrupted(NirdmlError):
@@ -113,69 +148,103 @@ class Trainer:
         self.criterion.train()
         self.model.freeze_backbone(self.epoch < cfg.optim.warmup_epochs)
         self.sampler.set_epoch(self.epoch)
-        # the loader draws its worker base seed from its own generator, not the global RNG, so
-        # that a loader re-created mid-epoch (resume) leaves the augmentation stream unchanged
-        loader_rng = torch.Generator().manual_seed(cfg.seed * 100_003 + self.epoch)
-        loader = torch.utils.data.DataLoader(
-            self.splits.train, batch_sampler=self.sampler.from_batch(self.batch_in_epoch),
-            num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda",
-            persistent_workers=False, generator=loader_rng)
-        sums: dict[str, float] = {}
-        steps = images = bad_in_row = bad = 0
+        stats = {"steps": 0, "images": 0, "bad": 0, "bad_in_row": 0, "sums": {}}
+        restarts = 0
         start = time.perf_counter()
         progress = self._progress(len(self.sampler) - self.batch_in_epoch)
-        for x, y in loader:
-            x = x.to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True)
-            ok = self._step(x, y)
-            self.batch_in_epoch += 1
-            if ok:
-                bad_in_row = 0
-                steps += 1
-                images += x.shape[0] * self.dist.world_size
-                for k, v in self.criterion.last_terms.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-                self.global_step += 1
-            else:
-                bad += 1
-                bad_in_row += 1
-                self.bad_steps_total += 1
-                if bad_in_row >= cfg.train.max_bad_steps:
+        while True:
+            try:
+                for x, y in self._loader():
+                    # a dead worker is reported by a SIGCHLD handler that raises wherever the
+                    # main thread is: hold it until the batch is fully accounted for
+                    with _worker_crash_deferred():
+                        self._train_batch(x, y, stats, progress, start)
+                break
+            except RuntimeError as exc:
+                if "DataLoader worker" not in str(exc):
+                    raise
+                if restarts >= MAX_LOADER_RESTARTS:
                     self._save("last.pt")
                     raise TrainingError(
-                        f"{bad_in_row} consecutive steps had a non-finite loss or gradient "
-                        f"(epoch {self.epoch + 1}). Likely causes: a learning rate too high "
-                        f"(optim.lr={cfg.optim.lr}) or NIR weight/flow lr too high "
-                        f"(loss.nir.weight={cfg.loss.nir.weight}, "
-                        f"loss.nir.flow_lr_multiplier={cfg.loss.nir.flow_lr_multiplier}). "
-                        f"Last good state: {self.out / 'checkpoints' / 'last.pt'}")
-            if progress is not None:
-                elapsed = max(time.perf_counter() - start, 1e-9)
-                progress.set_postfix({k: f"{v / max(steps, 1):.4f}" for k, v in sums.items()}
-                                     | {"img/s": f"{images / elapsed:.0f}"})
-                progress.update(1)
-            if self._stop_signal is not None:
-                if progress is not None:
-                    progress.close()
-                self._save("last.pt")
-                raise Interrupted(
-                    f"stopped by signal {self._stop_signal} in epoch {self.epoch + 1}; state saved "
-                    f"to {self.out / 'checkpoints' / 'last.pt'}; continue with --resume")
+                        f"data-loader workers crashed {restarts + 1} times in epoch "
+                        f"{self.epoch + 1} ({exc}). Check memory (fewer data.num_workers) and "
+                        f"the dataset's image files. Last good state: "
+                        f"{self.out / 'checkpoints' / 'last.pt'}") from exc
+                restarts += 1
+                warnings.warn(f"data-loader worker crashed ({exc}); restarting the loader at "
+                              f"batch {self.batch_in_epoch} of epoch {self.epoch + 1}",
+                              RuntimeWarning, stacklevel=2)
         if progress is not None:
             progress.close()
         seconds = time.perf_counter() - start
+        steps = stats["steps"]
         record = {"epoch": self.epoch + 1, "step": self.global_step}
-        record.update({f"train/{k}": v / max(steps, 1) for k, v in sums.items()})
+        record.update({f"train/{k}": v / max(steps, 1) for k, v in stats["sums"].items()})
         record.update({
-            "train/bad_steps": bad,
+            "train/bad_steps": stats["bad"],
             "time/epoch_s": seconds,
-            "time/images_per_s": images / max(seconds, 1e-9),
+            "time/images_per_s": stats["images"] / max(seconds, 1e-9),
             "lr": self.optimizer.param_groups[0]["lr"],
         })
         bad_samples = getattr(self.splits.train, "bad_samples", 0)
         if bad_samples:
             record["data/bad_samples"] = bad_samples
+        if restarts:
+            record["data/loader_restarts"] = restarts
         return record
+
+    def _loader(self) -> torch.utils.data.DataLoader:
+        """A loader over the batches of this epoch not trained on yet.
+
+        It draws its worker base seed from its own generator, not the global RNG, so that a
+        loader re-created mid-epoch (resume) leaves the augmentation stream unchanged.
+        """
+        loader_rng = torch.Generator().manual_seed(self.cfg.seed * 100_003 + self.epoch)
+        return torch.utils.data.DataLoader(
+            self.splits.train, batch_sampler=self.sampler.from_batch(self.batch_in_epoch),
+            num_workers=self.cfg.data.num_workers, pin_memory=self.device.type == "cuda",
+            persistent_workers=False, generator=loader_rng)
+
+    def _train_batch(self, x, y, stats: dict, progress, start: float) -> None:
+        """Step on one batch and account for it (counters, bad-step policy, signals)."""
+        cfg = self.cfg
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        ok = self._step(x, y)
+        self.batch_in_epoch += 1
+        if ok:
+            stats["bad_in_row"] = 0
+            stats["steps"] += 1
+            stats["images"] += x.shape[0] * self.dist.world_size
+            for k, v in self.criterion.last_terms.items():
+                stats["sums"][k] = stats["sums"].get(k, 0.0) + float(v)
+            self.global_step += 1
+        else:
+            stats["bad"] += 1
+            stats["bad_in_row"] += 1
+            self.bad_steps_total += 1
+            if stats["bad_in_row"] >= cfg.train.max_bad_steps:
+                self._save("last.pt")
+                raise TrainingError(
+                    f"{stats['bad_in_row']} consecutive steps had a non-finite loss or gradient "
+                    f"(epoch {self.epoch + 1}). Likely causes: a learning rate too high "
+                    f"(optim.lr={cfg.optim.lr}) or NIR weight/flow lr too high "
+                    f"(loss.nir.weight={cfg.loss.nir.weight}, "
+                    f"loss.nir.flow_lr_multiplier={cfg.loss.nir.flow_lr_multiplier}). "
+                    f"Last good state: {self.out / 'checkpoints' / 'last.pt'}")
+        if progress is not None:
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            progress.set_postfix(
+                {k: f"{v / max(stats['steps'], 1):.4f}" for k, v in stats["sums"].items()}
+                | {"img/s": f"{stats['images'] / elapsed:.0f}"})
+            progress.update(1)
+        if self._stop_signal is not None:
+            if progress is not None:
+                progress.close()
+            self._save("last.pt")
+            raise Interrupted(
+                f"stopped by signal {self._stop_signal} in epoch {self.epoch + 1}; state saved "
+                f"to {self.out / 'checkpoints' / 'last.pt'}; continue with --resume")
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> bool:
         """One optimisation step; returns False (and changes nothing) if it was non-finite."""
