@@ -3,7 +3,8 @@
 Train on the 964 background classes (10% held out as validation classes), test retrieval on the
 659 unseen evaluation classes; small CNN from scratch. The epoch is selected on the validation
 classes. Writes ``OUT/results.md`` (mean +- std over seeds of test recall@1, map@r, nmi, epochs
-to 95% of the final validation recall@1, seconds per epoch, NIR overhead), ``OUT/results.json``
+to 95% of the final validation recall@1, median seconds per epoch, NIR overhead; for a clean
+overhead figure use ``bench_train_step.py``), ``OUT/results.json``
 and ``OUT/convergence.png`` (validation recall@1 per epoch, every arm).
 
     python benchmarks/omniglot_nir.py --out runs/omniglot_bench            # the full grid
@@ -69,8 +70,9 @@ def summarize(results: dict[str, list[dict]]) -> list[dict]:
     rows = []
     base_time = {}
     for arm, runs in results.items():
-        secs = [statistics.mean(h["time/epoch_s"] for h in r["history"]) for r in runs]
-        row = {"arm": arm, "seeds": len(runs), "sec_per_epoch": statistics.mean(secs)}
+        # median over every epoch of every seed: robust to a run that shared the CPU
+        secs = [h["time/epoch_s"] for r in runs for h in r["history"]]
+        row = {"arm": arm, "seeds": len(runs), "sec_per_epoch": statistics.median(secs)}
         for key in ("recall@1", "map@r", "nmi"):
             vals = [100 * r["final"][key] for r in runs]
             row[key] = (statistics.mean(vals), statistics.pstdev(vals) if len(vals) > 1 else 0.0)

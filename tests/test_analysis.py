@@ -348,10 +348,17 @@ def test_analyze_checkpoint_path_with_stand_ins(tmp_path, monkeypatch):
         def sample(self, cond):
             return cond + 0.1 * torch.randn_like(cond) + self.w
 
+        def nll(self, x, cond):  # a Gaussian around the condition: the condition matters
+            return 0.5 * ((x - cond) ** 2).sum(1) / 0.1**2
+
     class Base(torch.nn.Module):
         def __init__(self, c):
             super().__init__()
+            self.num_classes = c
             self.proxies = torch.nn.Parameter(torch.randn(c, 8))
+
+        def class_proxies(self, x, y):
+            return torch.nn.functional.normalize(self.proxies[y], dim=1)
 
     class Crit(torch.nn.Module):
         def __init__(self, c):
@@ -376,6 +383,10 @@ def test_analyze_checkpoint_path_with_stand_ins(tmp_path, monkeypatch):
     assert seen["split"] == "test"
     assert res["source"]["dataset"] == "digits"
     assert len(res["flow_samples"]["classes"]) == 3
+    gain = res["flow_samples"]
+    assert gain["condition_gain_nats"] == pytest.approx(
+        gain["nll_other_proxy"] - gain["nll_own_proxy"])
+    assert gain["condition_gain_nats"] > 0  # the stand-in flow is centred on the own proxy
     for name in ("spectrum.png", "distances.png", "tsne.png", "flow_samples.png"):
         assert _is_png(tmp_path / "a" / name), name
     assert json.loads((tmp_path / "a/analysis.json").read_text())["flow_samples"] is not None
@@ -408,3 +419,15 @@ def test_analyze_real_digits_checkpoint(tmp_path):
     res = json.loads((out / "analysis.json").read_text())
     assert res["source"]["split"] == "test" and res["flow_samples"] is not None
     assert _is_png(out / "flow_samples.png")
+    # the real flow and proxy loss: an independent recomputation of the condition gain
+    import torch
+
+    from nirdml.analysis.pipeline import condition_gain
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(30, 16, generator=gen), dim=1)
+    y = torch.arange(30) % splits.train.num_classes
+    got = condition_gain(crit, x.numpy(), y.numpy(), seed=3)
+    own = crit.flow.nll(x, torch.nn.functional.normalize(crit.base_loss.proxies[y], dim=1))
+    assert got["nll_own_proxy"] == pytest.approx(own.mean().item(), rel=1e-5)
+    assert np.isfinite(res["flow_samples"]["condition_gain_nats"])
