@@ -27,11 +27,8 @@ SMALL_FLOW = {"subnet_width": 16, "subnet_depth": 3}
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every test here runs on one intra-op thread (see conftest)."""
 
 
 class StandIn(nn.Module):

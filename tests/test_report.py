@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import save_untrained_digits_checkpoint
 from nirdml.cli import main
 from nirdml.errors import ConfigError
 from nirdml.retrieval.report import build_report
@@ -178,22 +179,8 @@ def test_report_of_a_bare_run(tmp_path):
 
 
 def test_report_grid_on_digits(tmp_path):
-    data = pytest.importorskip("nirdml.data")
-    if not hasattr(data, "load_splits"):
-        pytest.skip("nirdml.data.load_splits not available")
-    from nirdml.models import build_model
-    from nirdml.training import builders
-    from nirdml.training.checkpoint import save_checkpoint
-    from nirdml.training.config import load_config
-
-    cfg = load_config("digits", ["model.embedding_dim=16"])
-    splits = builders.build_splits(cfg)
-    in_chans = int(splits.test[0][0].shape[0])
-    model = build_model("small_cnn", embedding_dim=16, in_chans=in_chans)
     run = tmp_path / "run"
-    save_checkpoint({"config": cfg.to_dict(), "model": model.state_dict(), "in_chans": in_chans,
-                     "image_kind": splits.image_kind, "epoch": 1},
-                    run / "checkpoints" / "best.pt")
+    save_untrained_digits_checkpoint(run / "checkpoints" / "best.pt")
     c = parse(build_report(run, k=3, num_queries=2))
     assert c.cells.count("query") == 2 and len(c.cells) == 2 * 4
 

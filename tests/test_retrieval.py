@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import save_untrained_digits_checkpoint
 from nirdml.cli import main
 from nirdml.errors import CheckpointError, ConfigError, InputError
 from nirdml.retrieval import (
@@ -285,20 +286,7 @@ def test_index_and_search_commands(files, tmp_path, capsys):
 
 
 def test_split_gallery(tmp_path):
-    data = pytest.importorskip("nirdml.data")
-    if not hasattr(data, "load_splits"):
-        pytest.skip("nirdml.data.load_splits not available")
-    from nirdml.models import build_model
-    from nirdml.training import builders
-    from nirdml.training.checkpoint import save_checkpoint
-    from nirdml.training.config import load_config
-
-    cfg = load_config("digits", ["model.embedding_dim=16"])
-    splits = builders.build_splits(cfg)
-    in_chans = int(splits.test[0][0].shape[0])
-    model = build_model("small_cnn", embedding_dim=16, in_chans=in_chans)
-    save_checkpoint({"config": cfg.to_dict(), "model": model.state_dict(), "in_chans": in_chans,
-                     "image_kind": splits.image_kind, "epoch": 1}, tmp_path / "d.pt")
+    splits = save_untrained_digits_checkpoint(tmp_path / "d.pt")
     r = Retriever.from_checkpoint(tmp_path / "d.pt", "split:test", device="cpu")
     assert len(r) == len(splits.test)
     np.testing.assert_array_equal(r.labels, splits.test.labels)
