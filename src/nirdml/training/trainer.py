@@ -43,33 +43,63 @@ MAX_LOADER_RESTARTS = 5  # crashed data-loader workers tolerated per epoch
 
 
 @contextmanager
-def _worker_crash_deferred():
-    """Hold PyTorch's "DataLoader worker died" check until the block has finished.
+def _worker_crash_held():
+    """Hold PyTorch's "DataLoader worker died" check for the block; yields ``check()``.
 
     The loader reports a dead worker from a SIGCHLD handler, which raises in the main thread
     wherever it happens to be (mid optimiser step, for instance). Inside this block SIGCHLD only
-    records that it came; on a normal exit the loader's handler runs then, so the error surfaces
-    between batches where the epoch loop can restart the loader. Blocking the signal with
-    ``pthread_sigmask`` is not enough: another thread (OpenMP, pin-memory) may receive it.
+    records that it came, and ``check()`` runs the loader's handler at a point of our choosing
+    (between batches), where a crash can be answered by restarting the loader. Blocking the
+    signal with ``pthread_sigmask`` is not enough: another thread (OpenMP, pin-memory) may
+    receive it. While held, the loader still finds a dead worker itself within 5 s of waiting.
     """
-    if (not hasattr(signal, "SIGCHLD")
-            or threading.current_thread() is not threading.main_thread()):
-        yield
-        return
-    previous = signal.getsignal(signal.SIGCHLD)
-    if not callable(previous):  # no loader handler installed (num_workers=0): nothing to hold
-        yield
-        return
+    previous = None
+    if hasattr(signal, "SIGCHLD") and threading.current_thread() is threading.main_thread():
+        previous = signal.getsignal(signal.SIGCHLD)
     pending: list[int] = []
+
+    def check() -> None:
+        if pending and callable(previous):
+            pending.clear()
+            previous(signal.SIGCHLD, None)
+
+    if previous is None:
+        yield check
+        return
     signal.signal(signal.SIGCHLD, lambda signum, frame: pending.append(signum))
     try:
-        yield
-    except BaseException:
+        yield check
+    finally:
         signal.signal(signal.SIGCHLD, previous)
-        raise
-    signal.signal(signal.SIGCHLD, previous)
-    if pending:
-        previous(signal.SIGCHLD, None)
+
+
+def _is_worker_crash(exc: BaseException, batches) -> bool:
+    """Whether ``exc``, raised while fetching a batch, means a loader worker died.
+
+    PyTorch reports a dead worker as a RuntimeError naming the "DataLoader worker"; a worker
+    killed while handing over a batch instead breaks the transfer (ConnectionResetError,
+    EOFError) in the main process, which only counts as a crash when a worker is in fact dead.
+    """
+    if isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc):
+        return True
+    if isinstance(exc, (OSError, EOFError)):
+        # the transfer breaks when the dying worker's sockets close, a moment before the
+        # process is reaped, so give it a few seconds to show up as dead
+        workers = getattr(batches, "_workers", [])
+        deadline = time.monotonic() + 5.0
+        while workers and time.monotonic() < deadline:
+            if any(not w.is_alive() for w in workers):
+                return True
+            time.sleep(0.02)
+    return False
+
+
+def _shutdown_loader(batches) -> None:
+    """Stop a loader iterator's workers now (and unregister them from PyTorch's SIGCHLD check),
+    rather than whenever the iterator is garbage-collected."""
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
 
 
 class Interrupted(NirdmlError):
@@ -152,28 +182,44 @@ class Trainer:
         restarts = 0
         start = time.perf_counter()
         progress = self._progress(len(self.sampler) - self.batch_in_epoch)
-        while True:
+        # the loader's SIGCHLD handler is installed when its first iterator starts; the hold
+        # goes on top of it so that a dead worker never raises in the middle of a step
+        batches = iter(self._loader())
+        with _worker_crash_held() as check_workers:
             try:
-                for x, y in self._loader():
-                    # a dead worker is reported by a SIGCHLD handler that raises wherever the
-                    # main thread is: hold it until the batch is fully accounted for
-                    with _worker_crash_deferred():
+                while True:
+                    try:
+                        x, y = next(batches)
+                    except StopIteration:
+                        break
+                    except Exception as exc:
+                        if not _is_worker_crash(exc, batches):
+                            raise
+                        crash = exc
+                    else:
                         self._train_batch(x, y, stats, progress, start)
-                break
-            except RuntimeError as exc:
-                if "DataLoader worker" not in str(exc):
-                    raise
-                if restarts >= MAX_LOADER_RESTARTS:
-                    self._save("last.pt")
-                    raise TrainingError(
-                        f"data-loader workers crashed {restarts + 1} times in epoch "
-                        f"{self.epoch + 1} ({exc}). Check memory (fewer data.num_workers) and "
-                        f"the dataset's image files. Last good state: "
-                        f"{self.out / 'checkpoints' / 'last.pt'}") from exc
-                restarts += 1
-                warnings.warn(f"data-loader worker crashed ({exc}); restarting the loader at "
-                              f"batch {self.batch_in_epoch} of epoch {self.epoch + 1}",
-                              RuntimeWarning, stacklevel=2)
+                        try:
+                            check_workers()
+                            continue
+                        except RuntimeError as exc:
+                            if "DataLoader worker" not in str(exc):
+                                raise
+                            crash = exc
+                    _shutdown_loader(batches)  # also unregisters its workers from the check
+                    if restarts >= MAX_LOADER_RESTARTS:
+                        self._save("last.pt")
+                        raise TrainingError(
+                            f"data-loader workers crashed {restarts + 1} times in epoch "
+                            f"{self.epoch + 1} ({crash!r}). Check memory (fewer "
+                            f"data.num_workers) and the dataset's image files. Last good state: "
+                            f"{self.out / 'checkpoints' / 'last.pt'}") from crash
+                    restarts += 1
+                    warnings.warn(f"data-loader worker crashed ({crash!r}); restarting the "
+                                  f"loader at batch {self.batch_in_epoch} of epoch "
+                                  f"{self.epoch + 1}", RuntimeWarning, stacklevel=2)
+                    batches = iter(self._loader())
+            finally:
+                _shutdown_loader(batches)
         if progress is not None:
             progress.close()
         seconds = time.perf_counter() - start
