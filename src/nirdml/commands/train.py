@@ -63,7 +63,10 @@ def run(args: argparse.Namespace) -> int:
         args.out = f"runs/{Path(str(args.config)).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     trainer = Trainer(cfg, args.out, resume=args.resume)
     final = trainer.fit()
-    if trainer.dist.is_main:
+    ctx = trainer.dist
+    del trainer  # its DDP wrappers hold the process group; drop them before leaving it
+    ctx.close()
+    if ctx.is_main:
         shown = {k: v for k, v in final.items()
                  if k.startswith(("recall@", "map@", "r_precision", "nmi"))}
         print(f"test ({final['dataset']}, selected epoch {final['selected_epoch']} on "

@@ -95,6 +95,12 @@ class DistContext:
             dist.init_process_group(backend=backend)
         return cls(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
+    def close(self) -> None:
+        """Leave the process group (every rank, once communication is over)."""
+        if self.enabled and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     # ---- wrapping -------------------------------------------------------------------------
     def wrap_model(self, model: nn.Module) -> nn.Module:
         if not self.enabled:
