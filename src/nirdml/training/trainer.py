@@ -281,7 +281,7 @@ class Trainer:
         if progress is not None:
             elapsed = max(time.perf_counter() - start, 1e-9)
             progress.set_postfix(
-                {k: f"{v / max(stats['steps'], 1):.4f}" for k, v in stats["sums"].items()}
+                {k: f"{v / max(stats['steps'], 1):.4g}" for k, v in stats["sums"].items()}
                 | {"img/s": f"{stats['images'] / elapsed:.0f}"})
             progress.update(1)
         if self._stop_signal is not None:
@@ -475,7 +475,7 @@ class Trainer:
         if self.cfg.train.progress:
             shown = {k: v for k, v in record.items() if k.startswith(("train/", "val/recall@1",
                                                                        "val/map@r", "test/"))}
-            text = "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+            text = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                              for k, v in shown.items())
             speed = f"{record['time/epoch_s']:.1f}s, {record['time/images_per_s']:.0f} img/s"
             print(f"epoch {self.epoch}/{self.cfg.train.epochs} ({speed}) {text}", file=sys.stderr)
