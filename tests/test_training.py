@@ -182,3 +182,43 @@ def test_crashed_loader_worker_restarts_and_loses_nothing(tmp_path):
     # every batch trained on exactly once, in the same order (augmentations may differ)
     assert seen == expected and len(seen) == len(batches)
     assert final["recall@1"] > 0.4
+
+
+class _FakeWandb:
+    """Records what the trainer sends to Weights & Biases (the real package is not needed)."""
+
+    def __init__(self):
+        self.inits, self.logs, self.summary, self.finished = [], [], {}, 0
+        self.util = type("util", (), {"generate_id": staticmethod(lambda: "run123")})
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        return self
+
+    def log(self, data, step):
+        self.logs.append((step, data))
+
+    def finish(self):
+        self.finished += 1
+
+
+def test_wandb_logs_epochs_and_final_metrics_and_resumes_the_same_run(tmp_path, monkeypatch):
+    fake = _FakeWandb()
+    monkeypatch.setitem(__import__("sys").modules, "wandb", fake)
+    cfg = ["train.wandb=true", "train.wandb_project=proj"]
+    Trainer(_cfg("train.epochs=1", *cfg), tmp_path / "run").fit()
+    Trainer(_cfg(*cfg), tmp_path / "run", resume=True).fit()
+    assert [i["id"] for i in fake.inits] == ["run123", "run123"]
+    assert fake.inits[0]["project"] == "proj" and fake.inits[0]["resume"] == "allow"
+    assert fake.inits[0]["config"]["train"]["wandb"] is True
+    assert [step for step, _ in fake.logs] == [1, 2]
+    assert "train/proxy" in fake.logs[0][1] and "epoch" not in fake.logs[0][1]
+    final = json.loads((tmp_path / "run/final.json").read_text())
+    assert fake.summary["final/recall@1"] == final["recall@1"]
+    assert fake.finished == 2
+
+
+def test_wandb_without_the_package_is_a_config_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "wandb", None)
+    with pytest.raises(ConfigError, match="pip install wandb"):
+        Trainer(_cfg("train.wandb=true"), tmp_path / "run")

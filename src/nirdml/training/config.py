@@ -103,6 +103,7 @@ class TrainConfig:
     max_bad_steps: int = 20
     tensorboard: bool = True
     wandb: bool = False
+    wandb_project: str = "nirdml"
     progress: bool = True
     deterministic: bool = False
 

@@ -8,6 +8,7 @@ Everything a run produces lands in one output folder::
     OUT/checkpoints/best.pt    the checkpoint selected on the validation classes
     OUT/final.json             test metrics of the selected checkpoint
     OUT/tensorboard/           TensorBoard event files
+    OUT/wandb_id, OUT/wandb/   the Weights & Biases run (``train.wandb=true``), resumed with the run
 
 Faults: a non-finite loss or gradient skips the step (counted); ``max_bad_steps`` of them in a
 row stop the run with a message. A crashed data-loader worker restarts the loader at the first
@@ -121,6 +122,7 @@ class Trainer:
         if self.device.type != "cuda" and config.train.amp == "fp16":
             raise ConfigError("train.amp=fp16 needs CUDA; use train.amp=bf16 or none on the CPU")
         self._prepare_output()
+        self._wandb_run = self._start_wandb() if config.train.wandb and self.dist.is_main else None
         builders.seed_everything(config.seed)
         if config.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -169,6 +171,10 @@ class Trainer:
         final = self._final_test()
         if self._writer is not None:
             self._writer.close()
+        if self._wandb_run is not None:
+            self._wandb_run.summary.update(
+                {f"final/{k}": v for k, v in final.items() if isinstance(v, int | float)})
+            self._wandb_run.finish()
         return final
 
     # ---- one epoch ------------------------------------------------------------------------
@@ -472,6 +478,9 @@ class Trainer:
                 if isinstance(v, int | float) and k not in ("epoch", "time/wall"):
                     writer.add_scalar(k, v, self.epoch)
             writer.flush()
+        if self._wandb_run is not None:
+            self._wandb_run.log({k: v for k, v in record.items() if isinstance(v, int | float)
+                                 and k != "epoch"}, step=self.epoch)
         if self.cfg.train.progress:
             shown = {k: v for k, v in record.items() if k.startswith(("train/", "val/recall@1",
                                                                        "val/map@r", "test/"))}
@@ -479,6 +488,22 @@ class Trainer:
                              for k, v in shown.items())
             speed = f"{record['time/epoch_s']:.1f}s, {record['time/images_per_s']:.0f} img/s"
             print(f"epoch {self.epoch}/{self.cfg.train.epochs} ({speed}) {text}", file=sys.stderr)
+
+    def _start_wandb(self):
+        """Start (or, with the run folder's ``wandb_id``, continue) a Weights & Biases run."""
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError("train.wandb=true needs the wandb package: pip install wandb "
+                              "(or set train.wandb=false)") from None
+        id_file = self.out / "wandb_id"
+        if id_file.is_file():
+            run_id = id_file.read_text().strip()
+        else:
+            run_id = wandb.util.generate_id()
+            _atomic_write_text(id_file, run_id + "\n")
+        return wandb.init(project=self.cfg.train.wandb_project, name=self.out.name, id=run_id,
+                          resume="allow", dir=str(self.out), config=self.cfg.to_dict())
 
     def _tensorboard(self):
         if not self.cfg.train.tensorboard:
