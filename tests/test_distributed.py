@@ -63,10 +63,7 @@ def _worker(rank, world, port, out_path):
     loss.backward()
     if rank == 0:
         torch.save({"loss": loss.detach(), "grads": _grads(model, crit)}, out_path)
-    # the DDP reducers hold the process group: drop them before leaving it, so that no gloo
-    # work outlives the group at interpreter exit
-    del ddp_model, ddp_crit, loss
-    ctx.close()
+    ctx.end_process(0)  # as the train command ends
 
 
 def test_two_process_gradients_equal_single_process(tmp_path):

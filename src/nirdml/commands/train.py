@@ -64,8 +64,6 @@ def run(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg, args.out, resume=args.resume)
     final = trainer.fit()
     ctx = trainer.dist
-    del trainer  # its DDP wrappers hold the process group; drop them before leaving it
-    ctx.close()
     if ctx.is_main:
         shown = {k: v for k, v in final.items()
                  if k.startswith(("recall@", "map@", "r_precision", "nmi"))}
@@ -74,4 +72,5 @@ def run(args: argparse.Namespace) -> int:
         for k, v in shown.items():
             print(f"  {k:<12} {100 * v:6.2f}")
         print(f"run folder: {args.out}")
+    ctx.end_process(0)  # under torchrun: every rank exits here (see DistContext.end_process)
     return 0
