@@ -104,7 +104,8 @@ class DistContext:
         normally (``terminate called without an active exception``, SIGABRT, in about one of
         four runs of our test suite, with or without ``destroy_process_group``), which turns a
         finished run into a failed one. NCCL's group is destroyed first, as it asks. With one
-        process this does nothing and returns.
+        process this does nothing and returns. ``nirdml train`` calls it last; a script that
+        trains through the Python API under ``torchrun`` can call it the same way.
         """
         if not (self.enabled and dist.is_initialized()):
             return
