@@ -63,8 +63,7 @@ def run(args: argparse.Namespace) -> int:
         args.out = f"runs/{Path(str(args.config)).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     trainer = Trainer(cfg, args.out, resume=args.resume)
     final = trainer.fit()
-    ctx = trainer.dist
-    if ctx.is_main:
+    if trainer.dist.is_main:
         shown = {k: v for k, v in final.items()
                  if k.startswith(("recall@", "map@", "r_precision", "nmi"))}
         print(f"test ({final['dataset']}, selected epoch {final['selected_epoch']} on "
@@ -72,5 +71,5 @@ def run(args: argparse.Namespace) -> int:
         for k, v in shown.items():
             print(f"  {k:<12} {100 * v:6.2f}")
         print(f"run folder: {args.out}")
-    ctx.end_process(0)  # under torchrun: every rank exits here (see DistContext.end_process)
+    trainer.dist.end_process(0)  # under torchrun every rank exits here (see its docstring)
     return 0
