@@ -75,7 +75,7 @@ def _worker_crash_held():
 
 
 def _is_worker_crash(exc: BaseException, batches) -> bool:
-    """Whether ``exc``, raised while fetching a batch, means a loader worker died.
+    """Whether ``exc``, raised by fetching a batch or by the held check, means a worker died.
 
     PyTorch reports a dead worker as a RuntimeError naming the "DataLoader worker"; a worker
     killed while handing over a batch instead breaks the transfer (ConnectionResetError,
@@ -199,8 +199,6 @@ class Trainer:
                     except StopIteration:
                         break
                     except Exception as exc:
-                        if not _is_worker_crash(exc, batches):
-                            raise
                         crash = exc
                     else:
                         self._train_batch(x, y, stats, progress, start)
@@ -208,9 +206,9 @@ class Trainer:
                             check_workers()
                             continue
                         except RuntimeError as exc:
-                            if "DataLoader worker" not in str(exc):
-                                raise
                             crash = exc
+                    if not _is_worker_crash(crash, batches):
+                        raise crash
                     _shutdown_loader(batches)  # also unregisters its workers from the check
                     if restarts >= MAX_LOADER_RESTARTS:
                         self._save("last.pt")
