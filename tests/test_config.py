@@ -44,6 +44,11 @@ def test_overrides_parse_types():
         ("data.batch_size=91", ["data.batch_size", "multiple"]),
         ("loss.name=arcface", ["loss.name", "proxy_anchor"]),
         ("optim.lr", ["key.sub=value"]),
+        ("loss.nir.mode=flowy", ["loss.nir.mode", "'selfnorm'", "'disc'"]),
+        ("loss.nir.noise=-0.1", ["loss.nir.noise", ">= 0"]),
+        ("loss.nir.base_scale=big", ["loss.nir.base_scale", "'sphere'", "'learned'"]),
+        ("loss.nir.warmup_epochs=100", ["loss.nir.warmup_epochs", "shorter than the run"]),
+        ("loss.nir.negatives=0", ["loss.nir.negatives", ">= 1"]),
     ],
 )
 def test_bad_values_name_the_key_and_the_choices(override, words):

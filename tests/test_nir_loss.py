@@ -18,7 +18,7 @@ from nirdml.losses import (
     ProxyNCALoss,
     SoftTripleLoss,
 )
-from nirdml.nir import NIR_MODES, ConditionalGlowFlow, NIRLoss
+from nirdml.nir import ConditionalGlowFlow, NIRLoss
 from nirdml.nir.regularizer import capped_exp
 
 C, D = 6, 8
@@ -67,53 +67,169 @@ def _nir(base_cls=ProxyAnchorLoss, mode="release", weight=0.3, seed=0, **kw):
     return NIRLoss(base, weight, mode=mode, **SMALL_FLOW, **kw).double()
 
 
-@pytest.mark.parametrize("mode", NIR_MODES)
-def test_modes_reduce_to_the_documented_formulas(mode):
-    nir = _nir(mode=mode, weight=0.3)
+def _reference_total(nir, emb, weight, mode, per_dim=False, base_scale="standard",
+                     nll_weight=0.0):
+    """The documented formula of each mode, by hand from the pieces (no NIRLoss code)."""
+    proxy = nir.base_loss(emb, LABELS)
+    x = F.normalize(emb, dim=1)
+    log_sigma = {"standard": 0.0, "sphere": -0.5 * math.log(D)}[base_scale]
+
+    def nll_given(cond):
+        z, log_det = nir.flow(x, cond)
+        return 0.5 * z.square().sum(1) / math.exp(2 * log_sigma) + D * log_sigma - log_det
+
+    nll = nll_given(nir.base_loss.class_proxies(emb, LABELS))
+    u = nll / D if per_dim else nll
+    if mode == "release":
+        return torch.exp(u).mean() + weight * proxy, torch.exp(u).mean(), nll
+    if mode == "paper":
+        return proxy + weight * u.mean(), u.mean(), nll
+    if mode == "selfnorm":
+        term = torch.log(torch.exp(u).mean())
+        return proxy + weight * term, term, nll
+    # disc with every other batch class as a negative: CE over all classes of the batch
+    classes = LABELS.unique()
+    scores = torch.stack([-nll_given(nir.base_loss.class_proxies(emb, torch.full_like(LABELS, c)))
+                          for c in classes], 1) / (D if per_dim else 1)
+    own = (LABELS[:, None] == classes[None, :]).double().argmax(1)
+    ce = F.cross_entropy(scores, own, reduction="none")
+    term = ce.mean() + nll_weight * u.mean()
+    return proxy + weight * term, term, nll
+
+
+VARIANTS = [
+    {"mode": "release"}, {"mode": "paper"}, {"mode": "selfnorm"},
+    {"mode": "release", "per_dim": True}, {"mode": "paper", "per_dim": True},
+    {"mode": "paper", "base_scale": "sphere"}, {"mode": "selfnorm", "per_dim": True},
+    {"mode": "disc", "negatives": 10}, {"mode": "disc", "negatives": 4, "per_dim": True,
+                                        "nll_weight": 0.2},
+]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(map(str, v.values())))
+def test_modes_reduce_to_the_documented_formulas(variant):
+    nir = _nir(weight=0.3, **variant)
     emb = _emb()
     total = nir(emb, LABELS)
-    # by hand, from the pieces
-    proxy = nir.base_loss(emb, LABELS)
-    cond = nir.base_loss.class_proxies(emb, LABELS)
-    torch.testing.assert_close(cond, F.normalize(nir.proxies[LABELS], dim=1))
-    nll = nir.flow.nll(F.normalize(emb, dim=1), cond)
-    if mode == "release":
-        expected = torch.exp(nll).mean() + 0.3 * proxy
-        nir_term = torch.exp(nll).mean()
-    else:
-        expected = proxy + 0.3 * nll.mean()
-        nir_term = nll.mean()
+    nir.flow.fused = False  # the reference uses the plain autograd flow
+    opts = {k: v for k, v in variant.items() if k != "negatives"}
+    expected, nir_term, nll = _reference_total(nir, emb, 0.3, **opts)
     torch.testing.assert_close(total, expected, rtol=1e-12, atol=1e-12)
     terms = nir.last_terms
-    assert {"proxy", "nir", "nll", "nll_max", "total"} <= set(terms)
+    proxy = nir.base_loss(emb, LABELS)
+    assert {"proxy", "nir", "nll", "nll_max", "material", "total"} <= set(terms)
     torch.testing.assert_close(terms["proxy"], proxy)
     torch.testing.assert_close(terms["nir"], nir_term, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(terms["nll"], nll.mean(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(terms["nll_max"], nll.max(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(terms["total"], total.detach())
+    assert 0 < terms["material"] <= 1
     assert "proxy_pos" in terms and "proxy_neg" in terms  # ProxyAnchor's own sub-terms
     assert all(not v.requires_grad for v in terms.values())
 
 
-@pytest.mark.parametrize("mode", NIR_MODES)
-def test_gradients_match_the_formula_and_reach_everything(mode):
-    nir = _nir(mode=mode, weight=0.5)
-    ref = _nir(mode=mode, weight=0.5)
+def test_release_and_paper_defaults_are_the_exact_formulas():
+    """The faithful modes with their default options: nothing of the variants leaks in."""
+    for mode in ("release", "paper"):
+        nir = _nir(mode=mode, weight=0.3)
+        emb = _emb(7)
+        nll = nir.flow.nll(F.normalize(emb, dim=1), nir.base_loss.class_proxies(emb, LABELS))
+        proxy = nir.base_loss(emb, LABELS)
+        expected = (torch.exp(nll).mean() + 0.3 * proxy if mode == "release"
+                    else proxy + 0.3 * nll.mean())
+        assert torch.equal(nir(emb, LABELS), expected)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(map(str, v.values())))
+def test_gradients_match_the_formula_and_reach_everything(variant):
+    nir = _nir(weight=0.5, **variant)
+    ref = _nir(weight=0.5, **variant)
     ref.flow.fused = False  # plain autograd as the reference
     emb = _emb(1)
     e1, e2 = emb.clone().requires_grad_(), emb.clone().requires_grad_()
     nir(e1, LABELS).backward()
-    proxy = ref.base_loss(e2, LABELS)
-    nll = ref.flow.nll(F.normalize(e2, dim=1), ref.base_loss.class_proxies(e2, LABELS))
-    if mode == "release":
-        (torch.exp(nll).mean() + 0.5 * proxy).backward()
-    else:
-        (proxy + 0.5 * nll.mean()).backward()
+    opts = {k: v for k, v in variant.items() if k != "negatives"}
+    _reference_total(ref, e2, 0.5, **opts)[0].backward()
     torch.testing.assert_close(e1.grad, e2.grad, rtol=1e-10, atol=1e-12)
     for (name, p), q in zip(nir.named_parameters(), ref.parameters()):
         assert p.grad is not None, name
         assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_disc_negatives_are_other_batch_classes_drawn_uniformly():
+    nir = _nir(mode="disc", negatives=2)
+    labels = torch.tensor([0, 0, 1, 1, 3, 3, 4, 4, 5, 5])
+    counts = torch.zeros(len(labels), C)
+    torch.manual_seed(0)
+    for _ in range(400):
+        neg = nir._negative_labels(labels)
+        assert neg.shape == (len(labels), 2)
+        assert (neg != labels[:, None]).all() and (neg[:, 0] != neg[:, 1]).all()
+        counts.scatter_add_(1, neg, torch.ones_like(neg, dtype=torch.float))
+    # each of the 4 other batch classes is drawn with probability 2/4: 200 +- 3 sigma (30)
+    in_batch = torch.zeros(C, dtype=torch.bool)
+    in_batch[labels] = True
+    others = in_batch[None, :] & (torch.arange(C)[None, :] != labels[:, None])
+    assert (counts[~others] == 0).all()
+    assert ((counts[others] - 200).abs() < 31).all(), counts[others]
+    one_class = torch.zeros(4, dtype=torch.long)
+    assert nir._negative_labels(one_class).shape == (4, 0)
+    total = nir(_emb()[:4], one_class)  # no negatives: the CE is 0, the loss still finite
+    assert torch.isfinite(total) and nir.last_terms["ce"] == 0
+
+
+def test_noise_acts_in_training_only_and_keeps_unit_norm(monkeypatch):
+    nir = _nir(mode="paper", noise=0.05, weight=1.0)
+    emb = _emb(8)
+    seen = []
+    original = nir.flow.nll
+    monkeypatch.setattr(nir.flow, "nll", lambda x, c: seen.append(x) or original(x, c))
+    nir.eval()
+    nir(emb, LABELS)
+    torch.testing.assert_close(seen[-1], F.normalize(emb, dim=1))  # eval: no noise
+    nir.train()
+    nir(emb, LABELS)
+    noisy = seen[-1]
+    torch.testing.assert_close(noisy.norm(dim=1), torch.ones(len(LABELS), dtype=noisy.dtype))
+    change = (noisy - F.normalize(emb, dim=1)).norm(dim=1)
+    assert (change > 0.02).all() and (change < 0.5).all()  # ~ 0.05 * sqrt(8) = 0.14
+    uniform = _nir(mode="paper", noise=0.05, noise_kind="uniform")
+    monkeypatch.setattr(uniform.flow, "nll", lambda x, c: seen.append(x) or original(x, c))
+    uniform(emb, LABELS)
+    assert not torch.allclose(seen[-1], F.normalize(emb, dim=1))
+
+
+def test_learned_base_scale_trains_with_the_flow():
+    nir = _nir(mode="paper", base_scale="learned", weight=1.0)
+    assert nir.base_log_scale.item() == pytest.approx(-0.5 * math.log(D))
+    sphere = _nir(mode="paper", base_scale="sphere", weight=1.0)
+    emb = _emb(9)
+    torch.testing.assert_close(nir(emb, LABELS), sphere(emb, LABELS))  # same start
+    nir(emb, LABELS).backward()
+    assert nir.base_log_scale.grad is not None and nir.base_log_scale.grad != 0
+    flow_group = {g["name"]: g for g in nir.param_groups(1e-3)}["flow"]
+    assert any(p is nir.base_log_scale for p in flow_group["params"])
+    assert "base_log_scale" in nir.last_terms
+
+
+def test_flow_warmup_fits_the_flow_on_detached_inputs():
+    nir = _nir(mode="paper", weight=1.0, warmup_epochs=2)
+    emb = _emb(10).requires_grad_()
+    nir.set_epoch(1)
+    assert nir.fitting_only
+    nir(emb, LABELS).backward()
+    proxy_only = emb.grad.clone()
+    flow_grad = sum(p.grad.abs().sum() for p in nir.flow.parameters())
+    assert flow_grad > 0  # the flow learns
+    emb.grad = None
+    nir.base_loss(emb, LABELS).backward()
+    torch.testing.assert_close(proxy_only, emb.grad)  # the embeddings only feel the proxy loss
+    nir.set_epoch(2)
+    assert not nir.fitting_only
+    emb.grad = None
+    nir(emb, LABELS).backward()
+    assert not torch.allclose(proxy_only, emb.grad)
 
 
 def test_the_flow_term_alone_moves_the_proxies():
@@ -217,8 +333,18 @@ def test_state_dict_round_trip():
 
 def test_config_errors():
     base = ProxyAnchorLoss(C, D)
-    with pytest.raises(ConfigError, match="release, paper"):
+    with pytest.raises(ConfigError, match="release, paper, selfnorm, disc"):
         NIRLoss(base, 0.1, mode="both")
+    with pytest.raises(ConfigError, match="noise must be a finite number >= 0"):
+        NIRLoss(base, 0.1, noise=-0.1)
+    with pytest.raises(ConfigError, match="noise_kind 'salt'; choose one of: gaussian, uniform"):
+        NIRLoss(base, 0.1, noise_kind="salt")
+    with pytest.raises(ConfigError, match="base_scale 'huge'; choose one of: standard, sphere"):
+        NIRLoss(base, 0.1, base_scale="huge")
+    with pytest.raises(ConfigError, match="negatives must be an integer >= 1"):
+        NIRLoss(base, 0.1, mode="disc", negatives=0)
+    with pytest.raises(ConfigError, match="warmup_epochs must be an integer >= 0"):
+        NIRLoss(base, 0.1, warmup_epochs=-1)
     with pytest.raises(ConfigError, match="weight"):
         NIRLoss(base, -1.0)
     with pytest.raises(ConfigError, match="embedding_dim"):

@@ -1,4 +1,4 @@
-"""The embedding network: backbone -> global pooling -> Linear head -> L2 normalisation.
+"""The embedding network: backbone -> global pooling -> head (Linear or MLP) -> L2 normalisation.
 
 ``EmbeddingModel`` is backbone-agnostic: any module that maps images to a feature map
 ``(B, C, H, W)`` or to pooled features ``(B, C)`` can be wrapped. ``nirdml.models.build_model``
@@ -54,8 +54,23 @@ class GlobalPool(nn.Module):
         return f"mode={self.mode!r}"
 
 
+def _head(feature_dim: int, hidden: list[int], embedding_dim: int) -> nn.Module:
+    """``Linear(feature_dim, embedding_dim)``, or an MLP through ``hidden`` widths with ReLU."""
+    if not hidden:
+        return nn.Linear(feature_dim, embedding_dim)
+    layers: list[nn.Module] = []
+    width = feature_dim
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU(inplace=True)]
+        width = h
+    return nn.Sequential(*layers, nn.Linear(width, embedding_dim))
+
+
 class EmbeddingModel(nn.Module):
-    """Backbone + global pooling + ``Linear(feature_dim, embedding_dim)`` + L2 normalisation.
+    """Backbone + global pooling + head + L2 normalisation.
+
+    The head is ``Linear(feature_dim, embedding_dim)``, or with ``head_hidden=(h1, ...)`` an
+    MLP ``Linear -> ReLU -> ... -> Linear`` through those widths.
 
     ``forward(images)`` returns float32 ``(B, embedding_dim)`` unit vectors (``F.normalize``
     with ``eps``, so an all-zero row gives zeros, never NaN). With ``freeze_bn=True`` every
@@ -75,6 +90,7 @@ class EmbeddingModel(nn.Module):
         freeze_bn: bool = False,
         in_chans: int | None = None,
         eps: float = 1e-12,
+        head_hidden: tuple[int, ...] | list[int] = (),
     ):
         super().__init__()
         if not isinstance(feature_dim, int) or feature_dim <= 0:
@@ -87,9 +103,13 @@ class EmbeddingModel(nn.Module):
             raise ConfigError(
                 f"model.embedding_dim must be a positive integer, got {embedding_dim!r}"
             )
+        hidden = [int(h) for h in head_hidden]
+        if any(h <= 0 for h in hidden):
+            raise ConfigError(f"model.head_hidden must list positive widths, got {head_hidden!r}")
         self.backbone = backbone
         self.pool = GlobalPool(pooling)
-        self.head = nn.Linear(feature_dim, embedding_dim)
+        self.head = _head(feature_dim, hidden, embedding_dim)
+        self.head_hidden = tuple(hidden)
         self.feature_dim = feature_dim
         self.embedding_dim = embedding_dim
         self.pooling = pooling
@@ -102,7 +122,13 @@ class EmbeddingModel(nn.Module):
 
     # ----------------------------------------------------------------- forward
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Pooled backbone features ``(B, feature_dim)``, before the head (not normalised)."""
+        """Pooled backbone features ``(B, feature_dim)``, before the head (not normalised).
+
+        A 2-D input ``(B, feature_dim)`` is taken as features already pooled by this backbone
+        (a frozen backbone's cached features, see ``nirdml.data.features``) and returned as is.
+        """
+        if images.dim() == 2 and images.shape[1] == self.feature_dim:
+            return images
         if images.dim() != 4:
             raise InputError(
                 f"images must be a (B, C, H, W) tensor, got shape {tuple(images.shape)}"

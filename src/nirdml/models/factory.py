@@ -36,11 +36,13 @@ def build_model(
     freeze_bn: bool | None = None,
     weights_path: str | None = None,
     in_chans: int | None = None,
+    head_hidden: list[int] | tuple[int, ...] = (),
     **kw: Any,
 ) -> EmbeddingModel:
     """Build ``backbone -> pooling -> Linear(feature_dim, embedding_dim) -> L2-normalise``.
 
-    ``name``: ``resnet50``, ``resnet18``, ``small_cnn`` or ``timm:<model name>``.
+    ``name``: ``resnet50``, ``resnet18``, ``small_cnn``, ``efficientnet_lite0`` or
+    ``timm:<model name>``. ``head_hidden`` makes the head an MLP through those widths.
     ``freeze_bn=None`` takes the backbone's default (True for ResNets, else False).
     ``weights_path`` loads a local state dict instead of downloading (``pretrained`` is then
     irrelevant). ``in_chans=None`` takes the backbone's default (3; 1 for ``small_cnn``).
@@ -78,6 +80,7 @@ def build_model(
         pooling=pooling,
         freeze_bn=spec.freeze_bn if freeze_bn is None else bool(freeze_bn),
         in_chans=spec.in_chans,
+        head_hidden=head_hidden,
     )
     model.build_config = dict(
         kw,
@@ -86,5 +89,6 @@ def build_model(
         pooling=pooling,
         freeze_bn=model.freeze_bn,
         in_chans=spec.in_chans,
+        head_hidden=list(model.head_hidden),
     )
     return model

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -67,6 +68,7 @@ def build_model(cfg: Config, in_chans: int | None = None) -> nn.Module:
         freeze_bn=cfg.model.freeze_bn,
         weights_path=cfg.model.weights_path,
         in_chans=in_chans,
+        head_hidden=cfg.model.head_hidden,
         **cfg.model.options,
     )
 
@@ -80,29 +82,13 @@ def build_criterion(cfg: Config, num_classes: int) -> nn.Module:
         kwargs["proxy_lr_multiplier"] = cfg.loss.proxy_lr_multiplier
     base = build_loss(cfg.loss.name, num_classes=num_classes,
                       embedding_dim=cfg.model.embedding_dim, **kwargs)
-    nir = cfg.loss.nir
-    if not nir.enabled:
+    if not cfg.loss.nir.enabled:
         return base
     from nirdml.nir import NIRLoss
 
-    return NIRLoss(
-        base,
-        weight=nir.weight,
-        mode=nir.mode,
-        num_blocks=nir.num_blocks,
-        subnet_depth=nir.subnet_depth,
-        subnet_width=nir.subnet_width,
-        clamp=nir.clamp,
-        cond_mode=nir.cond_mode,
-    )
-
-
-def criterion_param_groups(cfg: Config, criterion: nn.Module) -> list[dict[str, Any]]:
-    """Optimiser groups of the objective: proxies (and flow) with their multipliers, no decay."""
-    lr = cfg.optim.lr
-    if cfg.loss.nir.enabled:
-        return criterion.param_groups(lr, flow_lr_multiplier=cfg.loss.nir.flow_lr_multiplier)
-    return criterion.param_groups(lr)
+    options = dataclasses.asdict(cfg.loss.nir)
+    del options["enabled"]
+    return NIRLoss(base, **options)
 
 
 def build_optimizer(cfg: Config, model: nn.Module, criterion: nn.Module) -> torch.optim.Optimizer:
@@ -113,7 +99,7 @@ def build_optimizer(cfg: Config, model: nn.Module, criterion: nn.Module) -> torc
          "lr": o.lr * o.backbone_lr_multiplier, "weight_decay": o.weight_decay},
         {"name": "head", "params": list(model.head_parameters()),
          "lr": o.lr, "weight_decay": o.weight_decay},
-        *criterion_param_groups(cfg, criterion),
+        *criterion.param_groups(o.lr),
     ]
     groups = [g for g in groups if g["params"]]
     for g in groups:

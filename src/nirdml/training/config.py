@@ -23,7 +23,11 @@ from nirdml.errors import ConfigError
 
 @dataclass
 class DataConfig:
-    """Which dataset, how it is split, batched and loaded."""
+    """Which dataset, how it is split, batched and loaded.
+
+    ``feature_cache``: folder of cached backbone features (``model.frozen_backbone``); default
+    ``$NIRDML_CACHE/features`` or ``~/.cache/nirdml/features``.
+    """
 
     name: str = "cub200"
     root: str | None = None
@@ -34,12 +38,19 @@ class DataConfig:
     samples_per_class: int = 2
     num_workers: int = 0
     eval_batch_size: int = 256
+    feature_cache: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class ModelConfig:
-    """The embedding network (see ``nirdml.models.build_model``)."""
+    """The embedding network (see ``nirdml.models.build_model``).
+
+    ``head_hidden``: widths of an MLP head (empty: one Linear layer). ``frozen_backbone``: the
+    backbone never trains; its pooled features of every split are computed once, without
+    augmentation, and cached on disk (``data.feature_cache``), and only the head, proxies and
+    flow train on them (``nirdml.data.features``).
+    """
 
     name: str = "resnet50"
     embedding_dim: int = 128
@@ -47,16 +58,30 @@ class ModelConfig:
     pooling: Literal["avg", "max", "double"] = "avg"
     freeze_bn: bool | None = None
     weights_path: str | None = None
+    head_hidden: list[int] = field(default_factory=list)
+    frozen_backbone: bool = False
     options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class NIRConfig:
-    """The Non-isotropy regulariser and its conditional flow (``nirdml.nir.NIRLoss``)."""
+    """The Non-isotropy regulariser and its conditional flow (``nirdml.nir.NIRLoss``).
+
+    Every key but ``enabled`` is an argument of ``NIRLoss`` (or of its flow) of the same name;
+    ``docs/nir_variants.md`` explains the variants (``mode``, ``per_dim``, ``noise``,
+    ``base_scale``, ``warmup_epochs``, ``negatives``, ``nll_weight``).
+    """
 
     enabled: bool = True
     weight: float = 0.0075
-    mode: Literal["release", "paper"] = "release"
+    mode: Literal["release", "paper", "selfnorm", "disc"] = "release"
+    per_dim: bool = False
+    noise: float = 0.0
+    noise_kind: Literal["gaussian", "uniform"] = "gaussian"
+    base_scale: Literal["standard", "sphere", "learned"] = "standard"
+    warmup_epochs: int = 0
+    negatives: int = 1
+    nll_weight: float = 0.0
     flow_lr_multiplier: float = 50.0
     num_blocks: int = 5
     subnet_depth: int = 8
@@ -106,6 +131,8 @@ class TrainConfig:
     wandb_project: str = "nirdml"
     progress: bool = True
     deterministic: bool = False
+    probe_classes: int = 64
+    probe_per_class: int = 4
 
 
 @dataclass
@@ -203,6 +230,12 @@ class Config:
             (self.data.num_workers >= 0, "data.num_workers", ">= 0"),
             (self.model.embedding_dim >= 2, "model.embedding_dim", ">= 2"),
             (self.loss.nir.weight >= 0, "loss.nir.weight", ">= 0"),
+            (self.loss.nir.noise >= 0, "loss.nir.noise",
+             ">= 0 (the noise scale; 0 turns input noise off)"),
+            (self.loss.nir.nll_weight >= 0, "loss.nir.nll_weight", ">= 0"),
+            (self.loss.nir.negatives >= 1, "loss.nir.negatives", "an integer >= 1"),
+            (self.loss.nir.flow_lr_multiplier >= 0, "loss.nir.flow_lr_multiplier", ">= 0"),
+            (self.loss.nir.warmup_epochs >= 0, "loss.nir.warmup_epochs", ">= 0"),
             (self.optim.lr > 0, "optim.lr", "> 0"),
             (self.optim.weight_decay >= 0, "optim.weight_decay", ">= 0"),
             (self.optim.warmup_epochs >= 0, "optim.warmup_epochs", ">= 0"),
@@ -214,7 +247,17 @@ class Config:
             (self.train.epochs >= 1, "train.epochs", ">= 1"),
             (self.train.eval_every >= 1, "train.eval_every", ">= 1"),
             (self.train.max_bad_steps >= 1, "train.max_bad_steps", ">= 1"),
+            (self.train.probe_classes >= 0, "train.probe_classes",
+             ">= 0 (0 turns the per-epoch mechanism metrics off)"),
+            (self.train.probe_per_class >= 1, "train.probe_per_class", ">= 1"),
             (all(k >= 1 for k in self.eval.recall_ks), "eval.recall_ks", "integers >= 1"),
+            (
+                not self.loss.nir.enabled or self.loss.nir.warmup_epochs < self.train.epochs,
+                "loss.nir.warmup_epochs",
+                f"shorter than the run (train.epochs={self.train.epochs}): during the flow "
+                "warm-up NIR does not regularise, so a warm-up of the whole run is NIR switched "
+                "off (use loss.nir.enabled=false for that)",
+            ),
         ]
         for ok, key, allowed in checks:
             if not ok:

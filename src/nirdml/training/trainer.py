@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from nirdml.errors import ConfigError, NirdmlError, TrainingError
+from nirdml.nir.monitor import MechanismProbe, flow_state
 from nirdml.training import builders
 from nirdml.training.checkpoint import load_checkpoint, save_checkpoint
 from nirdml.training.config import Config, load_config
@@ -130,6 +131,8 @@ class Trainer:
         self.splits = builders.build_splits(config)
         self.in_chans = int(self.splits.train[0][0].shape[0])
         self.model = builders.build_model(config, in_chans=self.in_chans).to(self.device)
+        if config.model.frozen_backbone:
+            self.splits = self._feature_splits()
         self.criterion = builders.build_criterion(config, self.splits.train.num_classes).to(
             self.device)
         self.optimizer = builders.build_optimizer(config, self.model, self.criterion)
@@ -142,6 +145,9 @@ class Trainer:
             seed=config.seed, num_replicas=self.dist.world_size, rank=self.dist.rank)
         self.train_model = self.dist.wrap_model(self.model)
         self.train_criterion = self.dist.wrap_criterion(self.criterion)
+        self.probe = self._build_probe() if self.dist.is_main else None
+        flow = getattr(self.criterion, "flow", None)
+        self.flow_init = None if flow is None else flow_state(flow)
 
         self.epoch = 0  # epochs completed
         self.batch_in_epoch = 0  # batches of the current epoch already done (mid-epoch resume)
@@ -166,6 +172,9 @@ class Trainer:
                 last = self.epoch == self.cfg.train.epochs
                 if self.epoch % self.cfg.train.eval_every == 0 or last:
                     record.update(self._validate())
+                if self.probe is not None:
+                    record.update(self.probe.metrics(self.model, self.criterion, self.device,
+                                                     self.flow_init))
                 self._log_epoch(record)
                 self._save("last.pt")
         final = self._final_test()
@@ -182,9 +191,12 @@ class Trainer:
         cfg = self.cfg
         self.model.train()
         self.criterion.train()
-        self.model.freeze_backbone(self.epoch < cfg.optim.warmup_epochs)
+        self.model.freeze_backbone(cfg.model.frozen_backbone
+                                   or self.epoch < cfg.optim.warmup_epochs)
+        if hasattr(self.criterion, "set_epoch"):
+            self.criterion.set_epoch(self.epoch)
         self.sampler.set_epoch(self.epoch)
-        stats = {"steps": 0, "images": 0, "bad": 0, "bad_in_row": 0, "sums": {}}
+        stats = {"steps": 0, "images": 0, "bad": 0, "bad_in_row": 0, "sums": {}, "maxima": {}}
         restarts = 0
         start = time.perf_counter()
         progress = self._progress(len(self.sampler) - self.batch_in_epoch)
@@ -230,6 +242,7 @@ class Trainer:
         steps = stats["steps"]
         record = {"epoch": self.epoch + 1, "step": self.global_step}
         record.update({f"train/{k}": v / max(steps, 1) for k, v in stats["sums"].items()})
+        record.update({f"train/{k}": v for k, v in stats["maxima"].items()})  # epoch maxima
         record.update({
             "train/bad_steps": stats["bad"],
             "time/epoch_s": seconds,
@@ -268,6 +281,8 @@ class Trainer:
             stats["images"] += x.shape[0] * self.dist.world_size
             for k, v in self.criterion.last_terms.items():
                 stats["sums"][k] = stats["sums"].get(k, 0.0) + float(v)
+                if k.endswith("_max"):
+                    stats["maxima"][k] = max(stats["maxima"].get(k, -math.inf), float(v))
             self.global_step += 1
         else:
             stats["bad"] += 1
@@ -409,6 +424,7 @@ class Trainer:
             "image_kind": self.splits.image_kind,
             "world_size": self.dist.world_size,
             "rng": _rng_state(),
+            "flow_init": self.flow_init,
         }
 
     def _save(self, name: str) -> None:
@@ -431,9 +447,54 @@ class Trainer:
         self.best_score = state["best_score"]
         self.best_epoch = state["best_epoch"]
         self.bad_steps_total = state["bad_steps_total"]
+        if state.get("flow_init") is not None:
+            self.flow_init = state["flow_init"]
         # the sampler's global batch order depends only on seed and epoch, so a checkpoint
         # written by N ranks resumes on M ranks at the same global batch
         _set_rng_state(state["rng"])
+
+    def _feature_splits(self):
+        """Every split as cached features of the frozen backbone (``model.frozen_backbone``)."""
+        import dataclasses
+
+        from nirdml.data import build_transforms
+        from nirdml.data.features import feature_splits
+
+        cfg = self.cfg
+        encoder = torch.nn.Sequential(self.model.backbone, self.model.pool)
+        transform = build_transforms(self.splits.image_kind, train=False,
+                                     image_size=cfg.data.image_size)
+        model_cfg = dataclasses.asdict(cfg.model)
+        for key in ("embedding_dim", "head_hidden", "frozen_backbone", "freeze_bn"):
+            model_cfg.pop(key)  # the head does not change the features
+        description = {"data": {k: getattr(cfg.data, k) for k in
+                                ("name", "root", "options", "image_size", "val_fraction")},
+                       "seed": cfg.seed, "model": model_cfg}
+
+        def build():
+            return feature_splits(encoder, self.splits, transform, self.device,
+                                  cfg.data.feature_cache, description,
+                                  cfg.data.eval_batch_size, cfg.data.num_workers,
+                                  progress=cfg.train.progress and self.dist.is_main)
+
+        if self.dist.is_main:
+            splits = build()
+            self.dist.barrier()
+            return splits
+        self.dist.barrier()  # rank 0 has written the cache
+        return build()
+
+    def _build_probe(self) -> MechanismProbe | None:
+        """The fixed training-class subset the mechanism metrics are computed on."""
+        if self.cfg.train.probe_classes == 0:
+            return None
+        from nirdml.data import build_transforms
+
+        transform = None if self.splits.image_kind == "features" else build_transforms(
+            self.splits.image_kind, train=False, image_size=self.cfg.data.image_size)
+        return MechanismProbe(self.splits.train, transform, self.cfg.train.probe_classes,
+                              self.cfg.train.probe_per_class, seed=self.cfg.seed,
+                              batch_size=self.cfg.data.eval_batch_size)
 
     # ---- output, logging, signals ---------------------------------------------------------
     def _prepare_output(self) -> None:
