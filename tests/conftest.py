@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import os
 from pathlib import Path
 
 import pytest
@@ -31,3 +33,33 @@ def save_untrained_digits_checkpoint(path: Path):
     save_checkpoint({"config": cfg.to_dict(), "model": model.state_dict(), "in_chans": in_chans,
                      "image_kind": splits.image_kind, "epoch": 1}, path)
     return splits
+
+
+# ---- optional test oracles and shared data -----------------------------------------------------
+#: True in CI (which sets CI): there every oracle of the [dev] extra is installed and ../shared
+#: is beside the checkout, so a missing one is a broken set-up, and a test that needs it fails
+#: instead of skipping.
+IN_CI = bool(os.environ.get("CI"))
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def need(module: str):
+    """Import an optional test dependency (an oracle of the [dev] extra): skip the calling test
+    when it is missing on a developer's machine, fail in CI."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        if IN_CI:
+            pytest.fail(f"{module} is missing in CI ({exc}); .ci/run installs '.[dev]'")
+        pytest.skip(f"{module} is not installed (pip install -e '.[dev]')")
+
+
+def need_shared(relative: str) -> Path:
+    """A file or folder under ``../shared/data``: skip when absent, fail in CI."""
+    path = SHARED_DATA / relative
+    if not path.exists():
+        if IN_CI:
+            pytest.fail(f"{path} is missing in CI (../shared must sit beside the checkout)")
+        pytest.skip(f"{path} is not present")
+    return path

@@ -9,12 +9,15 @@ import warnings
 import numpy as np
 import pytest
 
+from conftest import need
 from nirdml.errors import ConfigError, InputError
 from nirdml.evaluation import LoneQueryWarning, evaluate, load_npz, normalize_embeddings
-from nirdml.evaluation.clustering import kmeans_faiss, kmeans_torch, nmi, pair_f1
-from nirdml.evaluation.knn import faiss_available, knn_blocks
+from nirdml.evaluation.clustering import kmeans_faiss, nmi, pair_f1
+from nirdml.evaluation.knn import knn_blocks
 
-BACKENDS = ["torch"] + (["faiss"] if faiss_available() else [])
+# faiss is a hard dependency of nirdml: both backends are always tested (a broken faiss import
+# fails here instead of hiding behind a skip)
+BACKENDS = ["torch", "faiss"]
 ALL_METRICS = [
     "recall", "precision", "recall@3", "precision@5", "map@r", "r_precision", "map@1000",
     "nmi", "ami", "f1",
@@ -135,11 +138,25 @@ def test_all_vs_all_matches_brute_force(backend, seed):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_memory_bound_blocks_give_same_result(backend):
+def test_memory_bound_blocks_give_same_result(backend, monkeypatch):
+    import nirdml.evaluation.core as core
+
+    blocks = []
+    real = core.knn_blocks
+
+    def recording(*args, **kwargs):
+        for start, stop, table in real(*args, **kwargs):
+            blocks.append(stop - start)
+            yield start, stop, table
+
+    monkeypatch.setattr(core, "knn_blocks", recording)
     x, y = make_data(3)
-    small = evaluate(x, y, metrics=RANKING, backend=backend, max_memory_mb=0.5)  # 64-query blocks
+    small = evaluate(x, y, metrics=RANKING, backend=backend, max_memory_mb=0.5)
+    small_blocks, blocks[:] = list(blocks), []
     whole = evaluate(x, y, metrics=RANKING, backend=backend, block_size=len(y))
     assert small == pytest.approx(whole, abs=1e-12)
+    assert len(blocks) == 1  # one block of every (non-lone) query
+    assert len(small_blocks) > 1 and sum(small_blocks) == blocks[0]  # the bound split them
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -193,8 +210,6 @@ def test_neighbour_order_is_canonical_on_both_backends(data):
 
 
 def test_backends_agree_exactly():
-    if len(BACKENDS) < 2:
-        pytest.skip("faiss not installed")
     x, y = make_data(6)
     fixed = kmeans_faiss(normalize_embeddings(x), len(np.unique(y)), seed=0)
     res = [
@@ -221,7 +236,8 @@ def test_torch_tensors_and_key_order():
 
 
 # ----------------------------------------------------------------------------- vs PML
-pml_calc = pytest.importorskip("pytorch_metric_learning.utils.accuracy_calculator")
+def _pml_calc():
+    return need("pytorch_metric_learning.utils.accuracy_calculator")
 
 
 def _pml_knn(query, k, reference, ref_includes_query):
@@ -245,7 +261,7 @@ def _pml_knn(query, k, reference, ref_includes_query):
 def _pml(fixed=None):
     import torch
 
-    return pml_calc.AccuracyCalculator(
+    return _pml_calc().AccuracyCalculator(
         include=("precision_at_1", "r_precision", "mean_average_precision_at_r", "NMI", "AMI"),
         k="max_bin_count",
         device=torch.device("cpu"),
@@ -259,8 +275,7 @@ def _pml(fixed=None):
 def test_matches_pml_all_vs_all(backend, seed):
     x, y = make_data(seed)
     xn = normalize_embeddings(x)
-    fixed = kmeans_faiss(xn, len(np.unique(y)), seed=0) if faiss_available() else (
-        kmeans_torch(xn, len(np.unique(y)), seed=0))
+    fixed = kmeans_faiss(xn, len(np.unique(y)), seed=0)
     ours = evaluate(x, y, metrics=["recall@1", "map@r", "r_precision", "nmi", "ami"],
                     backend=backend, cluster_fn=lambda *_: fixed)
     pml = _pml(fixed).get_accuracy(xn, y)
@@ -289,15 +304,13 @@ def test_matches_pml_query_gallery(backend):
 
 def test_matches_pml_default_faiss_without_ties():
     """PML's own faiss k-NN (L2 on unit vectors) gives the same numbers when nothing ties."""
-    if not faiss_available():
-        pytest.skip("faiss not installed")
     import torch
 
     rng = np.random.default_rng(11)
     y = rng.integers(0, 30, size=300)
     x = normalize_embeddings(rng.standard_normal((30, 16))[y] + rng.standard_normal((300, 16)))
     ours = evaluate(x, y, metrics=["recall@1", "map@r", "r_precision"])
-    pml = pml_calc.AccuracyCalculator(
+    pml = _pml_calc().AccuracyCalculator(
         include=("precision_at_1", "r_precision", "mean_average_precision_at_r"),
         k="max_bin_count", device=torch.device("cpu"),
     ).get_accuracy(x, y)

