@@ -103,30 +103,25 @@ def _flow_from_checkpoint(checkpoint, device: str, data_root: str | None,
                                  num_workers=cfg.data.num_workers, amp=cfg.train.amp)
     return {"flow": flow, "proxies": proxies, "proxies_per_class": k,
             "embeddings": emb.embeddings, "labels": emb.labels, "classes": classes,
-            "criterion": criterion}
+            "criterion": criterion, "flow_init": state.get("flow_init")}
 
 
-def condition_gain(criterion, embeddings, labels, seed: int = 0) -> dict[str, float]:
-    """How much the trained flow uses its condition, in nats per sample.
-
-    Mean NLL of real embeddings given the proxy of their own class (what NIR trains) and given
-    the proxy of a random *other* class; ``condition_gain_nats`` = other - own. Near 0 means the
-    flow learned one density for every class (the proxy carries no information it uses).
-    """
+def mechanism_metrics(flow_info: dict[str, Any], seed: int = 0) -> dict[str, Any]:
+    """The NIR mechanism metrics (``nirdml.nir.monitor``) of a checkpoint's flow on the
+    embedded training-class samples: condition gain, flow class-id accuracy, between/within
+    class cosines, and the flow's drift from its initial weights when the checkpoint kept them."""
     import torch
 
-    x = torch.nn.functional.normalize(torch.as_tensor(np.asarray(embeddings), dtype=torch.float32),
-                                      dim=1)
-    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
-    num_classes = int(criterion.base_loss.num_classes)
-    g = torch.Generator().manual_seed(seed)
-    other = (y + torch.randint(1, num_classes, y.shape, generator=g)) % num_classes
-    base = criterion.base_loss
-    with torch.no_grad():
-        own_nll = criterion.flow.nll(x, base.class_proxies(x, y)).mean().item()
-        other_nll = criterion.flow.nll(x, base.class_proxies(x, other)).mean().item()
-    return {"nll_own_proxy": own_nll, "nll_other_proxy": other_nll,
-            "condition_gain_nats": other_nll - own_nll, "num_samples": int(y.numel())}
+    from nirdml.nir.monitor import collapse_metrics, condition_metrics, flow_drift
+
+    x = torch.as_tensor(np.asarray(flow_info["embeddings"]), dtype=torch.float32)
+    y = torch.as_tensor(np.asarray(flow_info["labels"]), dtype=torch.long)
+    out = condition_metrics(flow_info["criterion"], x, y, seed=seed)
+    out.update(collapse_metrics(x, y))
+    if flow_info.get("flow_init") is not None:
+        out.update({f"flow_{k}": v for k, v in flow_drift(flow_info["flow"],
+                                                         flow_info["flow_init"]).items()})
+    return out
 
 
 def analyze(embeddings=None, labels=None, checkpoint=None, out_dir: str | Path = "analysis",
@@ -140,7 +135,7 @@ def analyze(embeddings=None, labels=None, checkpoint=None, out_dir: str | Path =
     keys ``embeddings`` and ``labels``) or ``checkpoint`` (its ``split`` is embedded with
     :func:`nirdml.training.inference.embed_checkpoint_split`). For a checkpoint trained with NIR
     and ``flow_classes > 0``, ``flow_classes`` random training classes are embedded too and the
-    flow is sampled around their proxies: statistics (and :func:`condition_gain`) go to
+    flow is sampled around their proxies: statistics (and :func:`mechanism_metrics`) go to
     ``analysis.json["flow_samples"]``,
     the figure to ``flow_samples.png``. Figures: ``spectrum.png``, ``distances.png``,
     ``tsne.png`` (skipped with ``plots=False``). Returns the dict written to the JSON file.
@@ -191,8 +186,7 @@ def analyze(embeddings=None, labels=None, checkpoint=None, out_dir: str | Path =
                 flow_samples_per_class, k, seed)
             result["flow_samples"] = pl.flow_sample_stats(
                 *samples, flow_info["embeddings"], flow_info["labels"], flow_info["proxies"], k)
-            result["flow_samples"].update(condition_gain(
-                flow_info["criterion"], flow_info["embeddings"], flow_info["labels"], seed))
+            result["flow_samples"].update(mechanism_metrics(flow_info, seed))
             if plots:
                 result["plots"]["flow_samples"] = str(pl.plot_flow_samples(
                     flow_info["flow"], flow_info["proxies"], flow_info["embeddings"],
