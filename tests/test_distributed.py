@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,10 +20,10 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
                                 reason="torch.distributed is not available")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rendezvous_store():
+    """A TCP store on a port the OS picks and this process keeps (no bind-release-reuse race);
+    the workers join it as clients, as torchrun's workers join their agent's store."""
+    return torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
 
 
 def _build(seed=0):
@@ -52,7 +51,8 @@ def _grads(model, crit):
 
 def _worker(rank, world, port, out_path):
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      TORCHELASTIC_USE_AGENT_STORE="True", TORCHELASTIC_RESTART_COUNT="0")
     torch.set_num_threads(1)
     ctx = DistContext.from_env()
     model, crit = _build()
@@ -68,7 +68,8 @@ def _worker(rank, world, port, out_path):
 
 def test_two_process_gradients_equal_single_process(tmp_path):
     out = tmp_path / "ddp.pt"
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    store = _rendezvous_store()
+    mp.spawn(_worker, args=(2, store.port, str(out)), nprocs=2, join=True)
     got = torch.load(out)
     model, crit = _build()
     x, y = _batch()
@@ -85,7 +86,8 @@ def test_two_process_gradients_equal_single_process(tmp_path):
 
 FAST = ["train.epochs=2", "train.progress=false", "train.tensorboard=false",
         "model.embedding_dim=16", "loss.nir.subnet_width=32", "loss.nir.subnet_depth=3",
-        "loss.nir.num_blocks=2", "data.batch_size=32"]
+        "loss.nir.num_blocks=2", "data.batch_size=32", "model.freeze_bn=true",
+        "data.augment=false"]
 
 
 def _run(cmd, env=None):
@@ -108,8 +110,12 @@ def test_torchrun_digits_matches_single_process_and_resumes_on_one(tmp_path):
     one = json.loads((tmp_path / "one/final.json").read_text())
     two = json.loads((tmp_path / "two/final.json").read_text())
     assert two["num_queries"] == one["num_queries"] == 896
-    # different per-rank BatchNorm statistics: close, not identical
-    assert abs(two["recall@1"] - one["recall@1"]) < 0.08
+    # Both see the same global batches and (test above) the same gradients, so with the two
+    # things that legitimately differ per rank switched off -- BatchNorm batch statistics (over
+    # each rank's half batch) and the augmentation draws (each rank's own RNG stream) -- the
+    # runs agree up to float32 summation order in the gradient all-reduce.
+    for key in ("recall@1", "map@r", "nmi"):
+        assert two[key] == pytest.approx(one[key], abs=0.01), key
     assert two["recall@1"] > 0.6
     # a checkpoint written by 2 ranks resumes on 1 process
     _run([sys.executable, "-m", "nirdml", "train", "--out", str(tmp_path / "two"), "--resume",

@@ -47,7 +47,7 @@ def build_splits(cfg: Config):
         on_error=cfg.data.on_error,
         **cfg.data.options,
     )
-    splits.train.transform = build_transforms(splits.image_kind, train=True,
+    splits.train.transform = build_transforms(splits.image_kind, train=cfg.data.augment,
                                               image_size=cfg.data.image_size)
     for ds in (splits.val, splits.test):
         if ds is not None:

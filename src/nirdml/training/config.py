@@ -25,14 +25,17 @@ from nirdml.errors import ConfigError
 class DataConfig:
     """Which dataset, how it is split, batched and loaded.
 
-    ``feature_cache``: folder of cached backbone features (``model.frozen_backbone``); default
-    ``$NIRDML_CACHE/features`` or ``~/.cache/nirdml/features``.
+    ``augment``: random augmentation of the training images (``false``: the evaluation
+    transform for training too). ``feature_cache``: folder of cached backbone features
+    (``model.frozen_backbone``); default ``$NIRDML_CACHE/features`` or
+    ``~/.cache/nirdml/features``.
     """
 
     name: str = "cub200"
     root: str | None = None
     val_fraction: float = 0.1
     image_size: int | None = None
+    augment: bool = True
     on_error: Literal["skip", "fail"] = "skip"
     batch_size: int = 90
     samples_per_class: int = 2
