@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import SHARED_DATA, need_shared
 from nirdml.data import (
     ClassBalancedBatchSampler,
     build_transforms,
@@ -24,7 +25,7 @@ from nirdml.data import (
 )
 from nirdml.errors import ConfigError, DatasetError
 
-SHARED_OMNIGLOT = Path(__file__).parents[1].parent / "shared" / "data" / "omniglot"
+SHARED_OMNIGLOT = SHARED_DATA / "omniglot"
 
 
 # ---- fixture helpers -----------------------------------------------------------------------
@@ -326,9 +327,9 @@ def test_omniglot_npz_layout(tmp_path):
         load_splits("omniglot", root=tmp_path)
 
 
-@pytest.mark.skipif(not (SHARED_OMNIGLOT / "images_background.npz").is_file(),
-                    reason="shared Omniglot npz not present")
 def test_real_omniglot_npz():
+    need_shared("omniglot/images_background.npz")
+    need_shared("omniglot/images_evaluation.npz")
     splits = load_splits("omniglot", root=SHARED_OMNIGLOT, val_fraction=0.1, seed=0)
     check_splits(splits, 868, 659, val_classes=96)
     assert sorted(splits.train.class_names + splits.val.class_names) == list(range(1, 965))
@@ -340,10 +341,8 @@ def test_real_omniglot_npz():
     assert x.shape == (1, 28, 28)
 
 
-@pytest.mark.skipif(not (SHARED_OMNIGLOT / "images_background_small1.zip").is_file(),
-                    reason="shared Omniglot small1 zip not present")
 def test_real_omniglot_official_zip(tmp_path):
-    shutil.copy(SHARED_OMNIGLOT / "images_background_small1.zip", tmp_path)
+    shutil.copy(need_shared("omniglot/images_background_small1.zip"), tmp_path)
     make_omniglot_part(tmp_path, "images_evaluation", OMNI_TEST)
     splits = load_splits("omniglot", root=tmp_path, val_fraction=0.0,
                          background="images_background_small1")

@@ -1,7 +1,8 @@
-"""Embedding networks: a backbone, global pooling, a Linear head and L2 normalisation.
+"""Embedding networks: a backbone, global pooling, a Linear (or MLP) head and L2 normalisation.
 
-``build_model("resnet50", embedding_dim=128, pretrained=True, pooling="double")`` gives the NIR
-release's network (ImageNet ResNet50, frozen BatchNorm statistics, avg+max pooling, 2048 -> 128).
+``build_model("resnet50", embedding_dim=128, pretrained=True)`` gives the NIR release's network
+(ImageNet ResNet50, frozen BatchNorm statistics, average pooling, 2048 -> 128); its DoublePool
+variant is ``pooling="double"`` (average + max).
 """
 
 from nirdml.models.backbones import BACKBONES, BackboneSpec, ResNetTrunk, SmallCNN, TimmTrunk
