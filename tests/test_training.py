@@ -123,18 +123,39 @@ def test_select_on_test_is_labelled(tmp_path):
 
 
 def test_evaluate_and_embed_from_checkpoint(tmp_path, capsys):
+    import numpy as np
+
+    from nirdml.training import builders
+    from nirdml.training.inference import load_trained_model
+
     Trainer(_cfg("train.epochs=1"), tmp_path / "r").fit()
     ck = tmp_path / "r/checkpoints/best.pt"
     assert main(["embed", "--checkpoint", str(ck), "--out", str(tmp_path / "e.npz")]) == 0
-    import numpy as np
-
     data = np.load(tmp_path / "e.npz")
     assert data["embeddings"].shape == (896, 16)
     assert np.allclose(np.linalg.norm(data["embeddings"], axis=1), 1, atol=1e-5)
+    # labels and order: row i is test image i of the checkpoint's own data, with its label
+    model, cfg, _ = load_trained_model(ck, "cpu")
+    test = builders.build_splits(cfg).test
+    assert np.array_equal(data["labels"], test.labels)
+    rows = [0, 1, 417, 895]
+    with torch.no_grad():
+        direct = model(torch.stack([test[i][0] for i in rows])).numpy()
+    np.testing.assert_allclose(data["embeddings"][rows], direct, rtol=1e-5, atol=1e-6)
+    # evaluate --checkpoint against a brute-force recomputation from those embeddings
     assert main(["evaluate", "--checkpoint", str(ck), "--json", str(tmp_path / "m.json")]) == 0
-    final = json.loads((tmp_path / "r/final.json").read_text())
     got = json.loads((tmp_path / "m.json").read_text())
-    assert got["recall@1"] == pytest.approx(final["recall@1"])
+    x, y = data["embeddings"].astype(np.float64), data["labels"]
+    sim = x @ x.T
+    np.fill_diagonal(sim, -np.inf)
+    order = np.argsort(-sim, axis=1, kind="stable")
+    relevant = y[order] == y[:, None]
+    assert got["recall@1"] == pytest.approx(relevant[:, 0].mean(), abs=1e-6)
+    assert got["recall@8"] == pytest.approx(relevant[:, :8].any(1).mean(), abs=1e-6)
+    r = np.bincount(y)[y] - 1  # relevant items per query
+    map_r = np.mean([np.sum(np.cumsum(rel[:k]) / np.arange(1, k + 1) * rel[:k]) / k
+                     for rel, k in zip(relevant, r)])
+    assert got["map@r"] == pytest.approx(map_r, abs=1e-6)
 
 
 def _crash_worker_once(dataset, marker, at_index):
