@@ -243,3 +243,61 @@ def test_wandb_without_the_package_is_a_config_error(tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "wandb", None)
     with pytest.raises(ConfigError, match="pip install wandb"):
         Trainer(_cfg("train.wandb=true"), tmp_path / "run")
+
+
+def test_readme_resume_command_continues_an_interrupted_run_exactly(tmp_path, monkeypatch,
+                                                                    capsys):
+    """As a user does it: a run started with --set values is stopped by SIGTERM mid-epoch and
+    continued with the README's `nirdml train --out RUN --resume` (no --config, no --set)."""
+    sets = sum((["--set", s] for s in FAST), [])
+    assert main(["train", "--out", str(tmp_path / "ref"), *sets]) == 0
+    real_step = Trainer._step
+    calls = {"n": 0}
+
+    def step_then_signal(self, x, y):
+        calls["n"] += 1
+        if calls["n"] == 40:  # in epoch 2 (23 batches per epoch)
+            os.kill(os.getpid(), __import__("signal").SIGTERM)
+        return real_step(self, x, y)
+
+    monkeypatch.setattr(Trainer, "_step", step_then_signal)
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), *sets]) == 2
+    err = capsys.readouterr().err
+    assert f"continue with: nirdml train --out {run} --resume" in err
+    monkeypatch.setattr(Trainer, "_step", real_step)
+    config_before = (run / "config.yaml").read_text()
+    assert main(["train", "--out", str(run), "--resume"]) == 0
+    assert "resuming" in capsys.readouterr().err
+    assert (run / "config.yaml").read_text() == config_before
+    ref = json.loads((tmp_path / "ref/final.json").read_text())
+    got = json.loads((run / "final.json").read_text())
+    for key in ("recall@1", "map@r", "nmi", "selected_epoch"):
+        assert got[key] == ref[key], key
+
+
+def test_resume_refuses_another_config_before_writing_anything(tmp_path, capsys):
+    sets = sum((["--set", s] for s in FAST), [])
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), *sets, "--set", "train.epochs=1"]) == 0
+    config_before = (run / "config.yaml").read_text()
+    checkpoint_before = (run / "checkpoints/last.pt").read_bytes()
+    capsys.readouterr()
+    for extra in (["--config", "omniglot_pa_nir"], ["--set", "seed=1"],
+                  ["--set", "loss.nir.weight=1"]):
+        assert main(["train", "--out", str(run), "--resume", *extra]) == 2
+        err = capsys.readouterr().err
+        assert "differs from the one" in err and "in the run" in err, err
+        assert (run / "config.yaml").read_text() == config_before
+        assert (run / "checkpoints/last.pt").read_bytes() == checkpoint_before
+    err_seed = main(["train", "--out", str(run), "--resume", "--set", "seed=1"])
+    assert err_seed == 2 and "seed: 0 in the run, 1 given" in capsys.readouterr().err
+    # more epochs (and loading/logging keys) are allowed: the run is extended
+    assert main(["train", "--out", str(run), "--resume", "--set", "train.epochs=2",
+                 "--set", "data.num_workers=0"]) == 0
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
+    assert main(["train", "--out", str(run), "--resume", "--set", "train.epochs=1"]) == 2
+    assert "may only grow" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "nothing"), "--resume"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err

@@ -32,15 +32,18 @@ def _config_keys() -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = _config_keys()
-    parser.add_argument("--config", default="digits",
-                        help="a YAML file or the name of a shipped config (default: digits)")
+    parser.add_argument("--config", default=None,
+                        help="a YAML file or the name of a shipped config (default: digits; "
+                             "with --resume: the run's own config)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE",
                         help="override a config key, e.g. --set loss.nir.weight=0.01 (repeatable)")
     parser.add_argument("--out", default=None,
                         help="output folder (default: runs/<config>-<time>)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --out from checkpoints/last.pt")
+                        help="continue the run in --out from checkpoints/last.pt, with its own "
+                             "config (--set may only change where data lives, loading, logging, "
+                             "the device, or add epochs)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config and exit")
 
@@ -51,17 +54,30 @@ def run(args: argparse.Namespace) -> int:
     from nirdml.training import Trainer
     from nirdml.training.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    state = None
+    if args.resume:
+        from nirdml.errors import ConfigError
+
+        if args.out is None:
+            raise ConfigError("--resume needs --out DIR (the folder of the run to continue)")
+        if args.config is None:  # the run's own config, read from its checkpoint
+            from nirdml.training.checkpoint import load_checkpoint
+            from nirdml.training.config import Config
+
+            last = Path(args.out) / "checkpoints" / "last.pt"
+            if not last.is_file():
+                raise ConfigError(f"--resume: no checkpoint in {str(last.parent)!r}")
+            state = load_checkpoint(last)
+            cfg = Config.from_dict(state["config"]).with_overrides(args.overrides)
+    if state is None:
+        cfg = load_config(args.config or "digits", args.overrides)
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
     if args.out is None:
-        if args.resume:
-            from nirdml.errors import ConfigError
-
-            raise ConfigError("--resume needs --out DIR (the folder of the run to continue)")
-        args.out = f"runs/{Path(str(args.config)).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    trainer = Trainer(cfg, args.out, resume=args.resume)
+        name = Path(str(args.config or "digits")).stem
+        args.out = f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    trainer = Trainer(cfg, args.out, resume=args.resume, resume_state=state)
     final = trainer.fit()
     if trainer.dist.is_main:
         shown = {k: v for k, v in final.items()

@@ -40,6 +40,7 @@ from nirdml.training import builders
 from nirdml.training.checkpoint import load_checkpoint, save_checkpoint
 from nirdml.training.config import Config, load_config
 from nirdml.training.distributed import DistContext
+from nirdml.training.resume import check_resume_config
 
 MAX_LOADER_RESTARTS = 5  # crashed data-loader workers tolerated per epoch
 
@@ -112,11 +113,12 @@ class Trainer:
     """Runs one configured training job into ``out_dir`` (see the module docstring)."""
 
     def __init__(self, config: Config, out_dir: str | Path, resume: bool = False,
-                 dist: DistContext | None = None):
+                 dist: DistContext | None = None, resume_state: dict[str, Any] | None = None):
         self.cfg = config
         self.out = Path(out_dir)
         self.dist = dist or DistContext.from_env()
         self.resume = resume
+        self._resume_state = resume_state  # last.pt, when the caller has read it already
         self._stop_signal: int | None = None
         self.device = self.dist.device if self.dist.enabled else builders.resolve_device(
             config.train.device)
@@ -309,7 +311,8 @@ class Trainer:
             self._save("last.pt")
             raise Interrupted(
                 f"stopped by signal {self._stop_signal} in epoch {self.epoch + 1}; state saved "
-                f"to {self.out / 'checkpoints' / 'last.pt'}; continue with --resume")
+                f"to {self.out / 'checkpoints' / 'last.pt'}; continue with: "
+                f"nirdml train --out {self.out} --resume")
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> bool:
         """One optimisation step; returns False (and changes nothing) if it was non-finite."""
@@ -434,7 +437,8 @@ class Trainer:
 
     def _load_resume_state(self) -> None:
         path = self.out / "checkpoints" / "last.pt"
-        state = load_checkpoint(path, map_location=self.device)
+        state = self._resume_state or load_checkpoint(path, map_location="cpu")
+        self._resume_state = None
         self.model.load_state_dict(state["model"])
         self.criterion.load_state_dict(state["criterion"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -452,6 +456,9 @@ class Trainer:
         # the sampler's global batch order depends only on seed and epoch, so a checkpoint
         # written by N ranks resumes on M ranks at the same global batch
         _set_rng_state(state["rng"])
+        if self.dist.is_main:
+            print(f"resuming {self.out} at epoch {self.epoch + 1} of {self.cfg.train.epochs}, "
+                  f"batch {self.batch_in_epoch} of {len(self.sampler)} done", file=sys.stderr)
 
     def _feature_splits(self):
         """Every split as cached features of the frozen backbone (``model.frozen_backbone``)."""
@@ -513,8 +520,14 @@ class Trainer:
             raise ConfigError(
                 f"{str(self.out)!r} already holds a run; continue it with --resume or choose "
                 f"a new --out")
-        if self.resume and not (self.out / "checkpoints" / "last.pt").exists():
-            raise ConfigError(f"--resume: no checkpoint in {str(self.out / 'checkpoints')!r}")
+        if self.resume:
+            last = self.out / "checkpoints" / "last.pt"
+            if not last.exists():
+                raise ConfigError(f"--resume: no checkpoint in {str(last.parent)!r}")
+            if self._resume_state is None:
+                self._resume_state = load_checkpoint(last, map_location="cpu")
+            check_resume_config(Config.from_dict(self._resume_state["config"]), self.cfg,
+                                str(self.out), int(self._resume_state["epoch"]))
         self.cfg.to_yaml(self.out / "config.yaml")
 
     def _progress(self, total: int):
@@ -622,15 +635,21 @@ def train(config: Config | dict | str | Path | None = None, out_dir: str | Path 
           resume: bool = False, overrides: list[str] | None = None) -> dict[str, Any]:
     """Train from a Config, a dict, a YAML path or a shipped config name; return test metrics.
 
-    ``config=None`` is the offline default (``"digits"``: ProxyAnchor + NIR on sklearn digits).
+    ``config=None`` is the offline default (``"digits"``: ProxyAnchor + NIR on sklearn digits),
+    or with ``resume=True`` the run's own config (``overrides`` on top, see
+    ``nirdml.training.resume``).
 
     >>> from nirdml.training import train
     >>> final = train("digits", out_dir="runs/d", overrides=["train.epochs=5"])  # doctest: +SKIP
     """
+    state = None
     if isinstance(config, Config):
         cfg = config.with_overrides(overrides)
     elif isinstance(config, dict):
         cfg = Config.from_dict(config).with_overrides(overrides)
+    elif config is None and resume:  # the run's own config
+        state = load_checkpoint(Path(out_dir) / "checkpoints" / "last.pt")
+        cfg = Config.from_dict(state["config"]).with_overrides(overrides)
     else:
         cfg = load_config(config or "digits", overrides)
-    return Trainer(cfg, out_dir, resume=resume).fit()
+    return Trainer(cfg, out_dir, resume=resume, resume_state=state).fit()
