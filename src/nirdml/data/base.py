@@ -1,9 +1,11 @@
 """Core dataset types: :class:`LabeledDataset` and :class:`Splits`.
 
 Every split holds contiguous labels ``0..C-1`` and ``class_names`` mapping each label back to the
-original class id or name. Unreadable images follow ``on_error``: ``"fail"`` raises
-:class:`~nirdml.errors.DatasetError` naming the file; ``"skip"`` substitutes another readable
-sample of the same class, counts the bad sample in ``bad_samples`` and warns once.
+original class id or name. Unreadable files are normally found and left out before any work by
+``nirdml.data.scan``; a file that becomes unreadable later follows ``on_error``: ``"fail"``
+raises :class:`~nirdml.errors.DatasetError` naming the file; ``"skip"`` substitutes another
+readable sample of the same class in a training split (counted in ``bad_samples``, warned
+once) and raises in an evaluation split (``substitute=False``).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +81,10 @@ class LabeledDataset(torch.utils.data.Dataset):
     Subclasses implement :meth:`_read` (raw image: a PIL image or a ``C x H x W`` tensor),
     :meth:`_describe` and :meth:`_take`.
     """
+
+    #: with ``on_error="skip"``, replace an unreadable image by another of its class (training
+    #: splits); ``False`` (evaluation splits) raises instead: a substitute would be a duplicate
+    substitute: bool = True
 
     def __init__(self, class_keys: Sequence[Any], *, transform: Callable | None = None,
                  on_error: str = "skip", is_query: Sequence[bool] | None = None,
@@ -193,6 +199,10 @@ class LabeledDataset(torch.utils.data.Dataset):
         if self.on_error == "fail":
             raise DatasetError(f"{self.name}: cannot read image {where}: {exc} "
                                f"(use on_error='skip' to substitute unreadable images)") from exc
+        if not self.substitute:
+            raise DatasetError(f"{self.name}: cannot read image {where}: {exc} (an evaluation "
+                               f"split never substitutes images: fix or remove the file)"
+                               ) from exc
         self._bad.add(i)
         self.bad_samples += 1
         self.bad_paths.append(where)
@@ -282,6 +292,8 @@ class Splits:
     image_kind: str
     name: str
     root: Path | None = None
+    #: unreadable files left out of each split by ``nirdml.data.scan.scan_splits``
+    unreadable_dropped: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> str:
         parts = []

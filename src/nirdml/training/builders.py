@@ -36,8 +36,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_splits(cfg: Config):
-    """Load the dataset splits named by ``cfg.data`` and attach the matching transforms."""
+    """Load the dataset splits named by ``cfg.data``, check every image file (see
+    ``nirdml.data.scan``) and attach the matching transforms."""
     from nirdml.data import build_transforms, load_splits
+    from nirdml.data.scan import scan_splits
 
     splits = load_splits(
         cfg.data.name,
@@ -47,6 +49,12 @@ def build_splits(cfg: Config):
         on_error=cfg.data.on_error,
         **cfg.data.options,
     )
+    # unreadable files: found now (not mid-training), dropped or fatal, never substituted
+    splits, dropped = scan_splits(splits, cfg.data.on_error)
+    splits.unreadable_dropped = dropped
+    for ds in (splits.val, splits.test):
+        if ds is not None:
+            ds.substitute = False  # evaluation never replaces an image by another
     splits.train.transform = build_transforms(splits.image_kind, train=cfg.data.augment,
                                               image_size=cfg.data.image_size)
     for ds in (splits.val, splits.test):

@@ -131,6 +131,10 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
 
         self.splits = builders.build_splits(config)
+        self.unreadable = dict(self.splits.unreadable_dropped)  # {split: files left out}
+        if self.unreadable and self.dist.is_main:
+            print("left out unreadable image files (data.on_error=skip): " + ", ".join(
+                f"{n} from {split}" for split, n in self.unreadable.items()), file=sys.stderr)
         self.in_chans = int(self.splits.train[0][0].shape[0])
         self.model = builders.build_model(config, in_chans=self.in_chans).to(self.device)
         if config.model.frozen_backbone:
@@ -254,6 +258,7 @@ class Trainer:
         bad_samples = getattr(self.splits.train, "bad_samples", 0)
         if bad_samples:
             record["data/bad_samples"] = bad_samples
+        record.update({f"data/unreadable_{split}": n for split, n in self.unreadable.items()})
         if restarts:
             record["data/loader_restarts"] = restarts
         return record
@@ -402,6 +407,7 @@ class Trainer:
             }[select],
             "dataset": self.cfg.data.name,
             "split": "test",
+            "unreadable_dropped": self.unreadable,
         })
         if self.dist.is_main:
             _atomic_write_text(self.out / "final.json", json.dumps(final, indent=2) + "\n")
