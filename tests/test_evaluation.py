@@ -418,3 +418,28 @@ def test_cli_default_metrics_match_library():
     from nirdml.evaluation import DEFAULT_METRICS
 
     assert tuple(command.DEFAULT_METRICS) == DEFAULT_METRICS
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_collapsed_embeddings_settle_without_an_all_pairs_tie_resolution(backend, monkeypatch):
+    """A collapsed model (every embedding equal within float32 precision) ties every query with
+    the whole gallery. Its ties are broken by index among a bounded number of retrieved
+    neighbours, with a warning, instead of resolving N x N exact scores (which took hours on a
+    13k collapsed Omniglot test split); normal data never takes that path."""
+    from nirdml.evaluation import knn
+
+    rng = np.random.default_rng(0)
+    n = 6000
+    x = np.ones((n, 8), np.float32) + rng.standard_normal((n, 8)).astype(np.float32) * 1e-8
+    y = np.repeat(np.arange(300), 20)
+    calls = []
+    exact = knn.exact_scores
+    monkeypatch.setattr(knn, "exact_scores", lambda *a, **k: calls.append(len(a[1])) or exact(
+        *a, **k))
+    with pytest.warns(knn.DegenerateTiesWarning, match="collapsed"):
+        res = evaluate(x, y, metrics=["recall@1", "map@r"], backend=backend)
+    assert sum(calls) < n * n / 10  # no all-pairs exact scores
+    assert res["recall@1"] < 0.05 and res["num_queries"] == n
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", knn.DegenerateTiesWarning)
+        evaluate(*make_data(4), metrics=RANKING, backend=backend)  # ordinary data: no warning

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -255,6 +256,14 @@ def _drop_self(s32: np.ndarray, idx: np.ndarray, self_pos: np.ndarray):
     return s32, idx
 
 
+#: a query with more near-tied neighbours than ``max(4 k, k + DEGENERATE_TIES)`` is degenerate
+DEGENERATE_TIES = 2048
+
+
+class DegenerateTiesWarning(UserWarning):
+    """Embeddings (nearly) collapsed: some queries' ties were broken by index."""
+
+
 def _ensure_sorted(s32: np.ndarray, idx: np.ndarray):
     """Rows in decreasing score order (backends return them so; this is only a safety net)."""
     bad = (np.diff(s32, axis=1) > 0).any(axis=1)
@@ -330,6 +339,7 @@ def _settle_rows(
     rows = np.arange(b)
     has_self = bool((self_pos >= 0).any())
     kk = min(n_gallery, width + int(has_self) + extra)
+    cap = max(4 * width, width + DEGENERATE_TIES)
     while rows.size:
         s32, idx = searcher.search(queries[rows], kk)
         s32 = np.asarray(s32, dtype=np.float32)  # fresh arrays, changed in place below
@@ -338,19 +348,42 @@ def _settle_rows(
         # The smallest retrieved score bounds every unretrieved one (taken before dropping self).
         lowest = s32[:, -1].copy()
         s32, idx = _drop_self(s32, idx, self_pos[rows])
+        final = kk >= n_gallery  # everything was retrieved: the order is final
+        # A row whose retrieved scores all lie within tol of each other cannot settle at this
+        # kk whatever the order inside it: search again (wider) before resolving its ties.
+        # At the cap it is degenerate (embeddings collapsed to within float32 precision):
+        # settled by (float32 score, index) among the retrieved, without exact scores.
+        flat = (s32[:, 0] - lowest <= tol) & (not final)
+        degenerate = flat & (kk >= cap)
+        if degenerate.any():
+            _count_degenerate(int(degenerate.sum()), width)
+            d_idx, d_s32 = idx[degenerate], s32[degenerate]
+            order = np.lexsort((np.where(d_idx >= 0, d_idx, n_gallery), -d_s32))
+            out[rows[degenerate]] = np.take_along_axis(d_idx, order, 1)[:, :width]
+        wider = rows[flat & ~degenerate]
+        live = ~flat
+        rows, s32, idx, lowest = rows[live], s32[live], idx[live], lowest[live]
         rel = None
         if q_labels is not None:
             rel = (g_labels[idx] == q_labels[rows, None]) & (idx >= 0)
         _fix_near_ties(queries, rows, gallery, s32, idx, tol, rel)
-        if kk >= n_gallery:  # everything was retrieved: the order is final
+        if final:
             out[rows, : min(width, idx.shape[1])] = idx[:, :width]
             break
         kth = s32[:, width - 1]
         ok = lowest < kth - tol
         out[rows[ok]] = idx[ok, :width]
-        rows = rows[~ok]
+        rows = np.concatenate([rows[~ok], wider])
         kk = min(n_gallery, 2 * kk)
     return out
+
+
+def _count_degenerate(n: int, width: int) -> None:
+    warnings.warn(
+        f"{n} queries have more than {max(4 * width, width + DEGENERATE_TIES)} neighbours "
+        f"tied (within float32 precision) with their nearest: the embeddings are (nearly) "
+        f"collapsed; their ties were broken by index among the retrieved neighbours",
+        DegenerateTiesWarning, stacklevel=4)
 
 
 def query_block_size(width: int, backend: str, budget: int, tile: int = 8192) -> int:
