@@ -372,6 +372,11 @@ def _settle_rows(
             break
         kth = s32[:, width - 1]
         ok = lowest < kth - tol
+        if kk >= cap and not ok.all():
+            # bounded work: a row still tied with unretrieved neighbours at the cap is settled
+            # among the retrieved ones (their ties resolved exactly above)
+            _count_degenerate(int((~ok).sum()), width)
+            ok[:] = True
         out[rows[ok]] = idx[ok, :width]
         rows = np.concatenate([rows[~ok], wider])
         kk = min(n_gallery, 2 * kk)
@@ -381,8 +386,9 @@ def _settle_rows(
 def _count_degenerate(n: int, width: int) -> None:
     warnings.warn(
         f"{n} queries have more than {max(4 * width, width + DEGENERATE_TIES)} neighbours "
-        f"tied (within float32 precision) with their nearest: the embeddings are (nearly) "
-        f"collapsed; their ties were broken by index among the retrieved neighbours",
+        f"tied (within float32 precision) with their k-th: the embeddings are (nearly) "
+        f"collapsed; their ties with unretrieved neighbours were broken by the order of the "
+        f"retrieved ones",
         DegenerateTiesWarning, stacklevel=4)
 
 
