@@ -307,3 +307,62 @@ def test_split_gallery(tmp_path):
     assert back.transform()(Image.open(tmp_path / "q32.png")).shape == (1, 8, 8)
     res = back.search([tmp_path / "q8.png", tmp_path / "q32.png"], k=1)
     assert res.scores[0, 0] > 0.999 and res.labels[0, 0] == splits.test.labels[7]
+
+
+def _omniglot_npz(root, part, classes, seed):
+    """A small Omniglot npz (bool, True = white background) with a few ink strokes per drawing,
+    about 10% ink like the real drawings."""
+    rng = np.random.default_rng(seed)
+    images = np.ones((classes, 6, 28, 28), dtype=bool)
+    for c in range(classes):
+        rows, cols = rng.integers(4, 24, 2), rng.integers(4, 24, 2)
+        for d in range(6):
+            jitter = rng.integers(-1, 2, 2)
+            images[c, d, rows[0] + jitter[0], 4:24] = False
+            images[c, d, 4:24, cols[1] + jitter[1]] = False
+            images[c, d, rows[1], 6:20] = False
+    labels = np.repeat(np.arange(classes), 6).reshape(classes, 6)
+    np.savez(root / f"{part}.npz", images=images, labels=labels)
+    return images
+
+
+def test_omniglot_png_queries_get_the_training_polarity(tmp_path):
+    """A model trained from the npz files (bright strokes on dark, as every Omniglot source
+    reaches the model) is queried with official black-on-white PNGs: the checkpoint records the
+    inversion, so the PNG of a test drawing finds that drawing; an already inverted image is
+    flagged as unlike the training images."""
+    import warnings
+
+    from PIL import Image
+
+    from nirdml.retrieval.retriever import UnusualQueryWarning
+    from nirdml.training import Trainer, load_checkpoint
+    from nirdml.training.config import load_config
+
+    root = tmp_path / "omni"
+    root.mkdir()
+    _omniglot_npz(root, "images_background", 8, seed=0)
+    test_images = _omniglot_npz(root, "images_evaluation", 5, seed=1)
+    cfg = load_config("omniglot_pa", [
+        f"data.root={root}", "data.val_fraction=0", "data.batch_size=8", "data.options={}",
+        "data.image_size=null", "model.embedding_dim=16", "train.epochs=1",
+        "train.select_on=last", "train.progress=false", "train.tensorboard=false",
+        "train.probe_classes=0"])
+    Trainer(cfg, tmp_path / "run").fit()
+    ck = tmp_path / "run/checkpoints/best.pt"
+    prep = load_checkpoint(ck)["preprocessing"]
+    assert prep["invert"] is True and prep["input_size"] == [28, 28]
+    assert prep["input_mean"] < -0.5  # mostly dark background: bright strokes on dark
+    retriever = Retriever.from_checkpoint(ck, "split:test", device="cpu")
+    drawing = test_images[2, 3]  # row 2 * 6 + 3 of the test split
+    official = tmp_path / "official.png"
+    Image.fromarray(np.where(drawing, 255, 0).astype(np.uint8)).save(official)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnusualQueryWarning)
+        res = retriever.search([official], k=1)
+    assert res.ids[0, 0] == 2 * 6 + 3 and res.scores[0, 0] > 0.9999
+    inverted = tmp_path / "inverted.png"
+    Image.fromarray(np.where(drawing, 0, 255).astype(np.uint8)).save(inverted)
+    with pytest.warns(UnusualQueryWarning, match="inverted.png looks unlike"):
+        retriever.search([inverted], k=1)
+

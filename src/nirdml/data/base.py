@@ -294,6 +294,10 @@ class Splits:
     root: Path | None = None
     #: unreadable files left out of each split by ``nirdml.data.scan.scan_splits``
     unreadable_dropped: dict[str, int] = field(default_factory=dict)
+    #: a raw image *file* of this dataset is inverted on reading (Omniglot's official PNGs are
+    #: black on white; every source reaches the model with bright strokes): what a query image
+    #: needs too, whatever source the model was trained from
+    invert_files: bool = False
 
     def summary(self) -> str:
         parts = []

@@ -162,4 +162,4 @@ def feature_splits(encoder: nn.Module, splits: Splits, transform: Callable,
         out[name] = cached_features(encoder, ds, device, cache_dir, description,
                                     batch_size, num_workers, progress)
     return Splits(train=out["train"], val=out["val"], test=out["test"], image_kind="features",
-                  name=splits.name, root=splits.root)
+                  name=splits.name, root=splits.root, invert_files=splits.invert_files)

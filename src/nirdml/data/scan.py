@@ -122,4 +122,5 @@ def scan_splits(splits: Splits, on_error: str = "skip", cache: bool = True
     if not dropped:
         return splits, {}
     return Splits(train=datasets["train"], val=datasets["val"], test=datasets["test"],
-                  image_kind=splits.image_kind, name=splits.name, root=splits.root), dropped
+                  image_kind=splits.image_kind, name=splits.name, root=splits.root,
+                  invert_files=splits.invert_files), dropped

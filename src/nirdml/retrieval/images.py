@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from nirdml.data.preprocessing import ImagePrep
 from nirdml.errors import InputError
+
+__all__ = ["IMAGE_EXTENSIONS", "ImageFileDataset", "ImagePrep", "collate_skipping_bad",
+           "list_image_folder", "load_image"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
                     ".pgm")
@@ -60,31 +64,6 @@ def list_image_folder(root: str | os.PathLike) -> tuple[list[str], list[str], li
     class_names = sorted(set(parents))
     index = {name: i for i, name in enumerate(class_names)}
     return paths, class_names, [index[name] for name in parents]
-
-
-class ImagePrep:
-    """PIL image -> model input: channel mode, optional inversion, eval transform, and a final
-    resize to ``input_size`` (H, W) when the transform alone gives another size."""
-
-    def __init__(self, transform: Callable, in_chans: int = 3, invert: bool = False,
-                 input_size: tuple[int, int] | None = None):
-        self.transform = transform
-        self.in_chans = in_chans
-        self.invert = invert
-        self.input_size = None if input_size is None else tuple(int(s) for s in input_size)
-
-    def __call__(self, image) -> torch.Tensor:
-        from PIL import ImageOps
-
-        image = image.convert("L" if self.in_chans == 1 else "RGB")
-        if self.invert:
-            image = ImageOps.invert(image)
-        x = self.transform(image)
-        if self.input_size is not None and tuple(x.shape[-2:]) != self.input_size:
-            from torchvision.transforms.v2 import functional as F
-
-            x = F.resize(x, list(self.input_size), antialias=True)
-        return x
 
 
 class ImageFileDataset(torch.utils.data.Dataset):

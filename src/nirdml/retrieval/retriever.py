@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from nirdml.data.preprocessing import Preprocessing
 from nirdml.errors import CheckpointError, ConfigError, InputError, NirdmlError
 from nirdml.retrieval.faiss_index import (
     IndexSpec,
@@ -155,10 +156,11 @@ def read_embeddings_npz(path: str | os.PathLike, dim: int | None = None) -> Gall
                    {"kind": "npz", "value": str(Path(path).resolve())})
 
 
-def dataset_preprocessing(dataset) -> dict[str, Any]:
-    """What the dataset does to its files beyond the eval transform: ``invert`` (Omniglot) and
-    the ``input_size`` (H, W) its samples reach the model with."""
-    prep: dict[str, Any] = {"invert": bool(getattr(dataset, "invert", False)),
+def dataset_preprocessing(dataset, invert_files: bool = False) -> dict[str, Any]:
+    """What the dataset does to its files beyond the eval transform: ``invert`` (Omniglot, from
+    any source) and the ``input_size`` (H, W) its samples reach the model with (for checkpoints
+    without a preprocessing record)."""
+    prep: dict[str, Any] = {"invert": bool(invert_files or getattr(dataset, "invert", False)),
                             "input_size": None}
     if len(dataset):
         prep["input_size"] = [int(s) for s in dataset[0][0].shape[-2:]]
@@ -170,9 +172,14 @@ def probe_preprocessing(cfg) -> dict[str, Any] | None:
     from nirdml.training import builders
 
     try:
-        return dataset_preprocessing(builders.build_splits(cfg).test)
+        splits = builders.build_splits(cfg)
+        return dataset_preprocessing(splits.test, splits.invert_files)
     except (NirdmlError, OSError):
         return None
+
+
+class UnusualQueryWarning(UserWarning):
+    """A query image's statistics are far from the training images' (e.g. inverted)."""
 
 
 # ---------------------------------------------------------------------------------- retriever
@@ -207,6 +214,7 @@ class Retriever:
         self.num_workers = num_workers
         self.invert = invert
         self.input_size = None if input_size is None else [int(v) for v in input_size]
+        self.preprocessing: Preprocessing | None = None  # the checkpoint's record, if any
         self._prep: ImagePrep | None = None
 
     # ---- construction --------------------------------------------------------------------
@@ -230,6 +238,7 @@ class Retriever:
             in_chans=state.get("in_chans") or getattr(model, "in_chans", None),
             batch_size=batch_size or cfg.data.eval_batch_size,
             num_workers=cfg.data.num_workers if num_workers is None else num_workers)
+        retriever._use_recorded_preprocessing(state)
         if not (isinstance(gallery, str | os.PathLike) and parse_gallery(gallery)[0] == "split"):
             retriever._learn_preprocessing()  # the split gallery does it itself
         if not isinstance(gallery, Gallery):
@@ -271,7 +280,8 @@ class Retriever:
         if split == "train":
             dataset.transform = build_transforms(splits.image_kind, train=False,
                                                  image_size=cfg.data.image_size)
-        self._set_preprocessing(dataset_preprocessing(dataset))
+        if self.preprocessing is None:  # an old checkpoint without its record
+            self._set_preprocessing(dataset_preprocessing(dataset, splits.invert_files))
         emb = builders.embed_dataset(model, dataset, self.device, batch_size=self.batch_size,
                                      num_workers=self.num_workers)
         rows = np.arange(len(dataset))
@@ -318,9 +328,19 @@ class Retriever:
                               "needs the checkpoint (Retriever.load(..., load_model=True))")
         return self.model
 
+    def _use_recorded_preprocessing(self, state: dict[str, Any]) -> None:
+        """Take the checkpoint's preprocessing record (``nirdml.data.preprocessing``)."""
+        record = state.get("preprocessing")
+        if record is None:
+            return
+        self.preprocessing = Preprocessing.from_dict(record)
+        self._set_preprocessing({"invert": self.preprocessing.invert,
+                                 "input_size": self.preprocessing.input_size})
+
     def _learn_preprocessing(self) -> None:
-        """Query images of ``gray_small`` models need the dataset's inversion and input size."""
-        if self.image_kind != "gray_small":
+        """Query images of ``gray_small`` models need the dataset's inversion and input size
+        (only for checkpoints that do not record them)."""
+        if self.image_kind != "gray_small" or self.preprocessing is not None:
             return
         prep = probe_preprocessing(self.config)
         if prep is None:
@@ -400,6 +420,12 @@ class Retriever:
                 raise InputError(f"a query must be an image path or a PIL image, got "
                                  f"{type(item).__name__}")
             tensors.append(prep(image))
+            why = None if self.preprocessing is None else self.preprocessing.unusual(tensors[-1])
+            if why is not None:
+                name = os.fspath(item) if isinstance(item, str | os.PathLike) else "a PIL image"
+                warnings.warn(f"query {name} looks unlike the images this model was trained on "
+                              f"({why}); its results are unreliable", UnusualQueryWarning,
+                              stacklevel=2)
         if not tensors:
             raise InputError("no query images given")
         return self.embed_tensors(torch.stack(tensors))
@@ -571,6 +597,7 @@ class Retriever:
         self.model, self.config, self.fingerprint = model, cfg, fingerprint
         self.image_kind = state.get("image_kind", self.image_kind)
         self.in_chans = state.get("in_chans") or self.in_chans
+        self._use_recorded_preprocessing(state)
         self.batch_size = cfg.data.eval_batch_size
         self.num_workers = cfg.data.num_workers
         self._prep = None

@@ -64,6 +64,21 @@ def build_splits(cfg: Config):
     return splits
 
 
+def measure_preprocessing(cfg: Config, splits, in_chans: int):
+    """The :class:`~nirdml.data.preprocessing.Preprocessing` record of a run (what its
+    checkpoints carry), measured on training images through the evaluation transform."""
+    import copy
+
+    from nirdml.data import build_transforms
+    from nirdml.data.preprocessing import Preprocessing
+
+    train = copy.copy(splits.train)  # the same images, the evaluation transform
+    train.transform = build_transforms(splits.image_kind, train=False,
+                                       image_size=cfg.data.image_size)
+    return Preprocessing.measure(train, splits.image_kind, in_chans, cfg.data.image_size,
+                                 splits.invert_files, seed=cfg.seed)
+
+
 def build_model(cfg: Config, in_chans: int | None = None) -> nn.Module:
     """The embedding network named by ``cfg.model``."""
     from nirdml.models import build_model as _build

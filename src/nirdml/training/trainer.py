@@ -136,6 +136,7 @@ class Trainer:
             print("left out unreadable image files (data.on_error=skip): " + ", ".join(
                 f"{n} from {split}" for split, n in self.unreadable.items()), file=sys.stderr)
         self.in_chans = int(self.splits.train[0][0].shape[0])
+        self.preprocessing = builders.measure_preprocessing(config, self.splits, self.in_chans)
         self.model = builders.build_model(config, in_chans=self.in_chans).to(self.device)
         if config.model.frozen_backbone:
             self.splits = self._feature_splits()
@@ -430,7 +431,8 @@ class Trainer:
             "bad_steps_total": self.bad_steps_total,
             "num_classes": self.splits.train.num_classes,
             "in_chans": self.in_chans,
-            "image_kind": self.splits.image_kind,
+            "image_kind": self.preprocessing.image_kind,
+            "preprocessing": self.preprocessing.to_dict(),
             "world_size": self.dist.world_size,
             "rng": _rng_state(),
             "flow_init": self.flow_init,

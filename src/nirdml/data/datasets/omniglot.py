@@ -82,7 +82,7 @@ def omniglot(root: Path | None = None, seed: int = 0, on_error: str = "skip",
     train = _load_part(path, background, "train", download, base_url, on_error, cache_size)
     test = _load_part(path, evaluation, "test", download, base_url, on_error, cache_size)
     return Splits(train=train, val=None, test=test, image_kind="gray_small", name="omniglot",
-                  root=path)
+                  root=path, invert_files=True)
 
 
 def _load_part(root: Path, part: str, split: str, download: bool, base_url: str,
