@@ -420,8 +420,10 @@ def test_cli_default_metrics_match_library():
     assert tuple(command.DEFAULT_METRICS) == DEFAULT_METRICS
 
 
+@pytest.mark.parametrize("spread", [1e-8, 3e-3], ids=["identical", "chained"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_collapsed_embeddings_settle_without_an_all_pairs_tie_resolution(backend, monkeypatch):
+def test_collapsed_embeddings_settle_without_an_all_pairs_tie_resolution(backend, spread,
+                                                                         monkeypatch):
     """A collapsed model (every embedding equal within float32 precision) ties every query with
     the whole gallery. Its ties are broken by index among a bounded number of retrieved
     neighbours, with a warning, instead of resolving N x N exact scores (which took hours on a
@@ -430,7 +432,10 @@ def test_collapsed_embeddings_settle_without_an_all_pairs_tie_resolution(backend
 
     rng = np.random.default_rng(0)
     n = 6000
-    x = np.ones((n, 8), np.float32) + rng.standard_normal((n, 8)).astype(np.float32) * 1e-8
+    # identical: every score equal in float32; chained: near-collapsed, each score within
+    # float32 tolerance of the next over hundreds of neighbours (chains longer than
+    # MAX_EXACT_RUN), though not all of a query's neighbours are tied
+    x = np.ones((n, 8), np.float32) + rng.standard_normal((n, 8)).astype(np.float32) * spread
     y = np.repeat(np.arange(300), 20)
     calls = []
     exact = knn.exact_scores

@@ -14,6 +14,13 @@ backends give identical neighbour tables:
   score is not clearly (by ``tolerance``) below the k-th are searched again with a larger k, so
   that tied gallery items just past the cut-off cannot be missed.
 
+Degenerate data (embeddings collapsed to within float32 precision) would make that exact order
+cost ``N x N`` float64 scores; its work is bounded instead, with a ``DegenerateTiesWarning``:
+a chain of more than ``MAX_EXACT_RUN`` near-tied neighbours is ordered by (float32 score,
+index) -- exact for duplicates, arbitrary but deterministic for near-duplicates -- and a query
+still tied with unretrieved items after ``max(4 k, k + DEGENERATE_TIES)`` neighbours settles
+among the retrieved ones.
+
 Only ``block x k`` results and one score tile (faiss: 4096 x up to 16384, torch: ``block x
 tile``) are held at a time; the full ``N x N`` score matrix never is. Blocks and tiles are sized
 from the memory the OS reports available (a quarter of it, at most 512 MiB in all;
@@ -258,6 +265,8 @@ def _drop_self(s32: np.ndarray, idx: np.ndarray, self_pos: np.ndarray):
 
 #: a query with more near-tied neighbours than ``max(4 k, k + DEGENERATE_TIES)`` is degenerate
 DEGENERATE_TIES = 2048
+#: chains of near-tied neighbours longer than this are ordered without float64 re-scoring
+MAX_EXACT_RUN = 256
 
 
 class DegenerateTiesWarning(UserWarning):
@@ -310,7 +319,15 @@ def _fix_near_ties(
         if r.size == 0:
             return
     members = idx[r, c]
-    key = exact_scores(queries, rows[r], gallery, members)
+    size = np.bincount(run)
+    long_run = size[run] > MAX_EXACT_RUN
+    if long_run.any():
+        _count_degenerate_runs(int((size > MAX_EXACT_RUN).sum()))
+        key = s32[r, c].astype(np.float64)
+        short = ~long_run
+        key[short] = exact_scores(queries, rows[r[short]], gallery, members[short])
+    else:
+        key = exact_scores(queries, rows[r], gallery, members)
     order = np.lexsort((members, -key, run))
     idx[r, c] = members[order]
     s32[r, c] = s32[r, c][order]
@@ -381,6 +398,13 @@ def _settle_rows(
         rows = np.concatenate([rows[~ok], wider])
         kk = min(n_gallery, 2 * kk)
     return out
+
+
+def _count_degenerate_runs(n: int) -> None:
+    warnings.warn(
+        f"{n} chains of more than {MAX_EXACT_RUN} near-tied neighbours (within float32 "
+        f"precision): the embeddings are (nearly) collapsed; those chains were ordered by "
+        f"float32 score and index", DegenerateTiesWarning, stacklevel=5)
 
 
 def _count_degenerate(n: int, width: int) -> None:
