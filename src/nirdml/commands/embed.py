@@ -18,8 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from nirdml.files import check_writable_file
     from nirdml.training.inference import embed_checkpoint_split
 
+    check_writable_file(args.out)
     emb, cfg = embed_checkpoint_split(args.checkpoint, args.split, args.device, args.batch_size,
                                       args.data_root)
     emb.save_npz(args.out)

@@ -85,6 +85,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.embeddings and args.checkpoint:
         raise ConfigError("pass either --embeddings or --checkpoint, not both")
+    if args.json:
+        from nirdml.files import check_writable_file
+
+        check_writable_file(args.json, "--json")
     if args.embeddings:
         results = evaluate_npz(args.embeddings, **_evaluate_kwargs(args))
         title = f"nirdml evaluate: {args.embeddings}"

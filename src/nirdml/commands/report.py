@@ -19,8 +19,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from nirdml.errors import ConfigError
+    from nirdml.files import check_writable_file
     from nirdml.retrieval.report import build_report
 
+    if not (Path(args.run) / "metrics.jsonl").is_file():
+        raise ConfigError(f"--run {args.run!r} is not a training run (no metrics.jsonl in it); "
+                          f"give the --out folder of nirdml train")
+    check_writable_file(args.out or Path(args.run) / "report.html")
     out = build_report(args.run, args.out, k=args.k, num_queries=args.queries,
                        checkpoint=args.checkpoint, device=args.device, data_root=args.data_root,
                        grid=not args.no_grid)

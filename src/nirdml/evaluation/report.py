@@ -22,6 +22,9 @@ def load_npz(path: str | Path) -> dict[str, np.ndarray | None]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"embeddings file {str(path)!r} does not exist")
+    if not zipfile.is_zipfile(path):
+        raise InputError(f"{str(path)!r} is not an .npz file; write one with nirdml embed or "
+                         "np.savez(path, embeddings=..., labels=...)")
     try:
         with np.load(path, allow_pickle=False) as data:
             present = list(data.files)
@@ -89,7 +92,8 @@ def metrics_to_jsonable(results: dict) -> dict:
 
 def write_metrics_json(results: dict, path: str | Path) -> None:
     """Write the metrics dict as JSON (keys as ``evaluate`` returns them)."""
+    from nirdml.files import atomic_write_text
+
     path = Path(path)
-    if path.parent and not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(metrics_to_jsonable(results), indent=2) + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(metrics_to_jsonable(results), indent=2) + "\n")

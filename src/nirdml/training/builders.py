@@ -157,7 +157,13 @@ class Embeddings:
             arrays["is_query"] = self.is_query
         if self.is_gallery is not None:
             arrays["is_gallery"] = self.is_gallery
-        np.savez(path, **arrays)
+        import io
+
+        from nirdml.files import atomic_write_bytes
+
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        atomic_write_bytes(path, buffer.getvalue())
 
 
 @torch.no_grad()
