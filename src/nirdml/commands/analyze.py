@@ -18,8 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flow-classes", type=int, default=4,
                         help="training classes whose flow samples are drawn (NIR checkpoints; "
                              "0 = none)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--device", default="auto",
+                        help="cpu, cuda, cuda:N or auto (a GPU when there is one)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="images per forward pass (default: the run's data.eval_batch_size)")
     parser.add_argument("--data-root", default=None, help="dataset root, if it moved")
     parser.add_argument("--seed", type=int, default=0, help="seed of every subsample")
 

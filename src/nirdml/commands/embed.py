@@ -10,9 +10,13 @@ HELP = "embed a split of a checkpoint's dataset and save embeddings.npz"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a checkpoint file (e.g. best.pt)")
     parser.add_argument("--out", required=True, help="output .npz (embeddings, labels, masks)")
-    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"],
+                        help="which split of the checkpoint's dataset to embed (train without "
+                             "augmentation)")
+    parser.add_argument("--device", default="auto",
+                        help="cpu, cuda, cuda:N or auto (a GPU when there is one)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="images per forward pass (default: the run's data.eval_batch_size)")
     parser.add_argument("--data-root", default=None,
                         help="dataset root, if it moved since training")
 

@@ -9,7 +9,8 @@ HELP = "export the embedding network of a checkpoint to ONNX or TorchScript"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a checkpoint file (e.g. best.pt)")
-    parser.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
+    parser.add_argument("--format", default="onnx", choices=["onnx", "torchscript"],
+                        help="onnx needs pip install 'nirdml[export]'")
     parser.add_argument("--out", required=True, help="output file (.onnx or .pt)")
     parser.add_argument("--image-size", type=int, default=None,
                         help="input height/width (default: what the eval transform produces)")

@@ -9,7 +9,7 @@ HELP = "build a searchable gallery index from a checkpoint (index build), or des
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    from nirdml.cli import HelpFormatter as fmt
     b = sub.add_parser("build", help="embed a gallery and index it", formatter_class=fmt,
                        description="Embed a gallery with a checkpoint and write INDEX_DIR "
                                    "(index.faiss, meta.json, labels.npy).")
@@ -28,9 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="IVF-PQ sub-quantisers, must divide the embedding dim (default dim/4)")
     b.add_argument("--nbits", type=int, default=None, help="IVF-PQ bits per sub-quantiser "
                                                            "(default 8)")
-    b.add_argument("--device", default="auto")
-    b.add_argument("--batch-size", type=int, default=None)
-    b.add_argument("--num-workers", type=int, default=None)
+    b.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:N or auto (a GPU when there is one)")
+    b.add_argument("--batch-size", type=int, default=None,
+                   help="images per forward pass (default: the run's data.eval_batch_size)")
+    b.add_argument("--num-workers", type=int, default=None,
+                   help="image loading processes (default: the run's data.num_workers)")
     b.add_argument("--data-root", default=None, help="dataset root, if it moved since training")
     b.add_argument("--on-error", choices=["skip", "fail"], default=None,
                    help="undecodable gallery images: skip them or stop (default: the "

@@ -13,7 +13,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-k", "--k", type=int, default=5, help="results per grid query")
     parser.add_argument("--queries", type=int, default=6, help="queries in the retrieval grid")
     parser.add_argument("--checkpoint", default=None, help="default RUN/checkpoints/best.pt")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu",
+                        help="device for the retrieval grid's embeddings")
     parser.add_argument("--data-root", default=None, help="dataset root, if it moved")
     parser.add_argument("--no-grid", action="store_true", help="skip the retrieval grid")
 

@@ -16,7 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", default=None,
                         help="the model to embed queries with (default: the one the index "
                              "remembers; it must be the same model)")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto",
+                        help="cpu, cuda, cuda:N or auto (a GPU when there is one)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,10 +10,12 @@ HELP = "train an embedding model (default: ProxyAnchor + NIR on the offline digi
 
 
 def _config_keys() -> str:
-    """Every config key with its default, for ``--help``."""
-    from nirdml.training.config import Config, available_configs
+    """Every config key with its value in the run ``nirdml train`` does by default, for
+    ``--help``."""
+    from nirdml.training.config import available_configs, load_config
 
-    lines = ["config keys (override with --set KEY=VALUE; defaults are the released recipe):"]
+    lines = ["config keys (override with --set KEY=VALUE), with their values in the default "
+             "run (--config digits):"]
 
     def walk(obj, prefix):
         for f in dataclasses.fields(obj):
@@ -23,14 +25,13 @@ def _config_keys() -> str:
             else:
                 lines.append(f"  {prefix + f.name:<32} {value!r}")
 
-    walk(Config(), "")
+    walk(load_config("digits"), "")
     lines.append("")
     lines.append("shipped configs (--config NAME): " + ", ".join(available_configs()))
     return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = _config_keys()
     parser.add_argument("--config", default=None,
                         help="a YAML file or the name of a shipped config (default: digits; "
