@@ -190,7 +190,7 @@ def _relevant_counts(
 
 
 def _ranking(spec, x, y, q_index, g_index, self_pos, r, c, backend, block_size, device,
-             max_bytes) -> dict[str, float]:
+             max_bytes, progress: str | None = None) -> dict[str, float]:
     """Search the neighbours of the non-lone queries block by block and average the metrics."""
     keep = r > 0
     acc = RankingAccumulator(
@@ -226,6 +226,7 @@ def _ranking(spec, x, y, q_index, g_index, self_pos, r, c, backend, block_size, 
     qs = q_index[keep]
     r_keep, c_keep = r[keep], c[keep]
     g_labels, q_labels = y[g_index], y[qs]
+    bar = progress_bar(qs.size, f"{progress}: neighbours", "query") if progress else None
     for start, stop, table in knn_blocks(
         x if qs.size == n else x[qs],
         x if g_index.size == n else x[g_index],
@@ -240,7 +241,25 @@ def _ranking(spec, x, y, q_index, g_index, self_pos, r, c, backend, block_size, 
     ):
         rel = (g_labels[table] == q_labels[start:stop, None]) & (table >= 0)
         acc.update(rel, r_keep[start:stop], c_keep[start:stop])
+        if bar is not None:
+            bar.update(stop - start)
+    if bar is not None:
+        bar.close()
     return acc.result()
+
+
+def progress_bar(total: int, desc: str, unit: str = "it", **options):
+    """A tqdm bar on stderr with a fixed-width bar (readable next to long descriptions and a
+    postfix); silent when stderr is not a terminal. ``options`` go to tqdm."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    options = {"leave": False, "dynamic_ncols": True, "file": sys.stderr, "disable": None,
+               **options}
+    return tqdm(total=total, desc=desc, unit=unit, **options,
+                bar_format="{desc}: {percentage:3.0f}%|{bar:24}| {n_fmt}/{total_fmt} "
+                           "[{elapsed}<{remaining}, {rate_fmt}{postfix}]")
 
 
 def _cluster(xs, n_classes, backend, seed, iters, cluster_fn, device) -> np.ndarray:
@@ -274,6 +293,7 @@ def evaluate(
     device=None,
     block_size: int | None = None,
     max_memory_mb: float | None = None,
+    progress: str | None = None,
 ) -> dict:
     """Retrieval and clustering metrics of ``embeddings`` (N x D, numpy or torch) on cosine.
 
@@ -294,7 +314,8 @@ def evaluate(
     unless ``cluster_fn(x, K, seed) -> ids`` is given. ``backend``: ``"auto"`` (faiss when
     installed), ``"faiss"`` or ``"torch"`` (``device`` picks its device, default CUDA when
     available). ``block_size`` / ``max_memory_mb`` bound the query blocks (default: from the
-    memory available, at most 512 MiB).
+    memory available, at most 512 MiB). ``progress``: a name (e.g. ``"test"``) shows progress
+    bars for the neighbour search and the clustering on a terminal.
     """
     spec = parse_metrics(metrics, recall_ks)
     backend = resolve_backend(backend)
@@ -316,7 +337,7 @@ def evaluate(
     if spec.ranking:
         results.update(
             _ranking(spec, x, y, q_index, g_index, self_pos, r, c, backend, block_size, device,
-                     max_bytes)
+                     max_bytes, progress)
         )
     if spec.clustering:
         members = np.flatnonzero(q_mask | g_mask)
@@ -324,8 +345,12 @@ def evaluate(
             xs, ys = x, y
         else:
             xs, ys = x[members], y[members]
-        assign = _cluster(xs, int(np.unique(ys).size), backend, kmeans_seed, kmeans_iters,
-                          cluster_fn, device)
+        n_classes = int(np.unique(ys).size)
+        bar = progress_bar(1, f"{progress}: k-means, {n_classes} clusters") if progress else None
+        assign = _cluster(xs, n_classes, backend, kmeans_seed, kmeans_iters, cluster_fn, device)
+        if bar is not None:
+            bar.update(1)
+            bar.close()
         results.update(clustering_scores(ys, assign, spec.clustering))
     ordered = {f"recall@{k}": results[f"recall@{k}"] for k in spec.recall_ks}
     ordered.update({f"precision@{k}": results[f"precision@{k}"] for k in spec.precision_ks})

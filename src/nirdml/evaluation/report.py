@@ -58,18 +58,18 @@ def evaluate_npz(path: str | Path, metrics=None, recall_ks=(1, 2, 4, 8), **kwarg
 
 
 def format_metrics_table(results: dict, title: str | None = None) -> str:
-    """A two-column text table: fractions with 4 decimals and as percentages, counts as ints."""
+    """A text table of metrics in percent (counts as integers); JSON keeps fractions."""
     width = max([len(k) for k in results] + [6])
     lines = [title] if title else []
-    lines.append(f"{'metric':<{width}}  {'value':>8}  {'%':>7}")
-    lines.append("-" * (width + 19))
+    lines.append(f"{'metric':<{width}}  {'%':>7}")
+    lines.append("-" * (width + 9))
     for key, value in results.items():
         if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-            lines.append(f"{key:<{width}}  {int(value):>8d}")
+            lines.append(f"{key:<{width}}  {int(value):>7d}")
         elif value is None or (isinstance(value, float) and math.isnan(value)):
-            lines.append(f"{key:<{width}}  {'nan':>8}")
+            lines.append(f"{key:<{width}}  {'nan':>7}")
         else:
-            lines.append(f"{key:<{width}}  {float(value):>8.4f}  {100 * float(value):>6.2f}%")
+            lines.append(f"{key:<{width}}  {100 * float(value):>7.2f}")
     return "\n".join(lines)
 
 

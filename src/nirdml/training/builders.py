@@ -168,21 +168,32 @@ class Embeddings:
 
 @torch.no_grad()
 def embed_dataset(model: nn.Module, dataset, device: torch.device, batch_size: int = 256,
-                  num_workers: int = 0, amp: str = "none") -> Embeddings:
-    """Embed every sample of ``dataset`` in order (eval mode, no gradients)."""
+                  num_workers: int = 0, amp: str = "none",
+                  progress: str | None = None) -> Embeddings:
+    """Embed every sample of ``dataset`` in order (eval mode, no gradients); ``progress``
+    names a progress bar shown on a terminal."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                          num_workers=num_workers,
                                          pin_memory=device.type == "cuda")
     was_training = model.training
     model.eval()
     chunks = []
+    bar = None
+    if progress:
+        from nirdml.evaluation.core import progress_bar
+
+        bar = progress_bar(len(dataset), f"{progress}: embedding", "img")
     try:
         for images, _ in loader:
             images = images.to(device, non_blocking=True)
             with autocast(device, amp):
                 chunks.append(model(images).float().cpu())
+            if bar is not None:
+                bar.update(len(images))
     finally:
         model.train(was_training)
+        if bar is not None:
+            bar.close()
     emb = torch.cat(chunks).numpy() if chunks else np.zeros((0, 1), np.float32)
     return Embeddings(emb, np.asarray(dataset.labels),
                       getattr(dataset, "is_query", None), getattr(dataset, "is_gallery", None))

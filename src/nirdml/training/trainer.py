@@ -307,9 +307,9 @@ class Trainer:
                     f"Last good state: {self.out / 'checkpoints' / 'last.pt'}")
         if progress is not None:
             elapsed = max(time.perf_counter() - start, 1e-9)
-            progress.set_postfix(
-                {k: f"{v / max(stats['steps'], 1):.4g}" for k, v in stats["sums"].items()}
-                | {"img/s": f"{stats['images'] / elapsed:.0f}"})
+            loss = stats["sums"].get("total", stats["sums"].get("proxy", 0.0))
+            progress.set_postfix_str(f"loss {loss / max(stats['steps'], 1):.4g}, "
+                                     f"{stats['images'] / elapsed:.0f} img/s")
             progress.update(1)
         if self._stop_signal is not None:
             if progress is not None:
@@ -347,20 +347,21 @@ class Trainer:
         return True
 
     # ---- validation, selection, final test ---------------------------------------------
-    def _evaluate(self, dataset) -> dict[str, float]:
+    def _evaluate(self, dataset, name: str) -> dict[str, float]:
         from nirdml.evaluation import evaluate
 
+        shown = name if self.cfg.train.progress and self.dist.is_main else None
         emb = self.dist.gather_embeddings(builders.embed_dataset(
             self.model, self.dist.shard_dataset(dataset), self.device,
             batch_size=self.cfg.data.eval_batch_size, num_workers=self.cfg.data.num_workers,
-            amp=self.cfg.train.amp), len(dataset))
+            amp=self.cfg.train.amp, progress=shown), len(dataset))
         if not self.dist.is_main:
             return {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             return evaluate(emb.embeddings, emb.labels, metrics=self.cfg.eval.metrics,
                             query_mask=emb.is_query, gallery_mask=emb.is_gallery,
-                            recall_ks=tuple(self.cfg.eval.recall_ks))
+                            recall_ks=tuple(self.cfg.eval.recall_ks), progress=shown)
 
     def _selection_split(self) -> str:
         select = self.cfg.train.select_on
@@ -372,9 +373,11 @@ class Trainer:
         select = self._selection_split()
         record: dict[str, Any] = {}
         if self.splits.val is not None:
-            record.update({f"val/{k}": v for k, v in self._evaluate(self.splits.val).items()})
+            val = self._evaluate(self.splits.val, "validation")
+            record.update({f"val/{k}": v for k, v in val.items()})
         if select == "test":
-            record.update({f"test/{k}": v for k, v in self._evaluate(self.splits.test).items()})
+            test = self._evaluate(self.splits.test, "test")
+            record.update({f"test/{k}": v for k, v in test.items()})
         if select == "last":
             score = float(self.epoch)
         else:
@@ -396,7 +399,7 @@ class Trainer:
         if best.exists():
             state = load_checkpoint(best, map_location=self.device)
             self.model.load_state_dict(state["model"])
-        metrics = self._evaluate(self.splits.test)
+        metrics = self._evaluate(self.splits.test, "test")
         select = self._selection_split()
         final = dict(metrics)
         final.update({
@@ -541,10 +544,9 @@ class Trainer:
     def _progress(self, total: int):
         if not (self.cfg.train.progress and self.dist.is_main):
             return None
-        from tqdm.auto import tqdm
+        from nirdml.evaluation.core import progress_bar
 
-        return tqdm(total=total, desc=f"epoch {self.epoch + 1}/{self.cfg.train.epochs}",
-                    leave=False, dynamic_ncols=True, file=sys.stderr, disable=None)
+        return progress_bar(total, f"epoch {self.epoch + 1}/{self.cfg.train.epochs}", "batch")
 
     def _log_epoch(self, record: dict[str, Any]) -> None:
         if not self.dist.is_main:
@@ -562,12 +564,7 @@ class Trainer:
             self._wandb_run.log({k: v for k, v in record.items() if isinstance(v, int | float)
                                  and k != "epoch"}, step=self.epoch)
         if self.cfg.train.progress:
-            shown = {k: v for k, v in record.items() if k.startswith(("train/", "val/recall@1",
-                                                                       "val/map@r", "test/"))}
-            text = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                             for k, v in shown.items())
-            speed = f"{record['time/epoch_s']:.1f}s, {record['time/images_per_s']:.0f} img/s"
-            print(f"epoch {self.epoch}/{self.cfg.train.epochs} ({speed}) {text}", file=sys.stderr)
+            print(_epoch_line(record, self.cfg.train.epochs), file=sys.stderr)
 
     def _start_wandb(self):
         """Start (or, with the run folder's ``wandb_id``, continue) a Weights & Biases run."""
@@ -615,6 +612,19 @@ class Trainer:
         finally:
             for sig, old in previous.items():
                 signal.signal(sig, old)
+
+
+def _epoch_line(record: dict[str, Any], epochs: int) -> str:
+    """One console line per epoch: loss terms, then validation/test metrics in percent."""
+    losses = "  ".join(f"{k[6:]} {v:.4g}" for k, v in record.items()
+                       if k.startswith("train/") and k != "train/bad_steps"
+                       and isinstance(v, float) and not k.endswith("_max"))
+    metrics = "  ".join(f"{k} {100 * v:.2f}%" for k, v in record.items()
+                        if k.startswith(("val/", "test/")) and isinstance(v, float)
+                        and k.split("/")[1].startswith(("recall@1", "map@r", "nmi")))
+    speed = f"{record['time/epoch_s']:.1f} s, {record['time/images_per_s']:.0f} img/s"
+    return f"epoch {record['epoch']}/{epochs} ({speed})  {losses}" + (
+        f"  |  {metrics}" if metrics else "")
 
 
 def _rng_state() -> dict[str, Any]:
