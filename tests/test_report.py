@@ -77,7 +77,8 @@ def make_run(run, data=None):
             fh.write(json.dumps({"epoch": epoch, "train/total": 2.0 / epoch,
                                  "train/proxy": 1.5 / epoch, "train/nir": 0.5 / epoch,
                                  "train/bad_steps": 0, "val/recall@1": 0.3 + 0.1 * epoch,
-                                 "val/num_queries": 500,
+                                 "val/num_queries": 500, "val/lone_queries": 0,
+                                 "probe/condition_gain_nats": 2.0 * epoch,
                                  "lr": 1e-3}) + "\n")
         fh.write("{not json\n")
     (run / "analysis").mkdir()
@@ -86,7 +87,8 @@ def make_run(run, data=None):
     fig.savefig(run / "analysis" / "density.png")
     plt.close(fig)
     (run / "analysis" / "analysis.json").write_text(json.dumps(
-        {"uniformity": -2.1, "alignment": {"mean": 0.4}}))
+        {"rho": 0.19, "g2": 0.07, "uniformity": -2.1, "alignment": {"mean": 0.4},
+         "source": {"checkpoint": "/some/where/best.pt"}}))
     return run
 
 
@@ -142,7 +144,7 @@ def test_report_structure(report):
     # self-contained: every image is an inline PNG, nothing is fetched
     assert not re.search(r"""(src|href)=["']?(https?:|//|file:)""", html_text)
     assert "<link" not in html_text
-    assert len(c.imgs) == 2 + 1 + QUERIES * (K + 1)  # 2 curve plots, 1 diagnostic, the grid
+    assert len(c.imgs) == 3 + 1 + QUERIES * (K + 1)  # 3 curve plots, 1 diagnostic, the grid
     for img in c.imgs:
         assert img["src"].startswith("data:image/png;base64,")
         with Image.open(io.BytesIO(base64.b64decode(img["src"].split(",", 1)[1]))) as im:
@@ -151,9 +153,17 @@ def test_report_structure(report):
     assert c.cells.count("hit") + c.cells.count("miss") == QUERIES * K
     assert c.cells.count("hit") >= QUERIES  # flat colours: the same class comes first
     text = " ".join(c.text)
-    assert "recall@1" in text and "0.61" in text and "uniformity" in text
+    assert "recall@1" in text and "61.00 %" in text and "uniformity" in text
     assert "small_cnn" in text  # config.yaml
     assert "note" not in html_text.split('id="retrieval"')[1].split("</section>")[0]
+    # the most useful parts first: metrics, the retrieval grid, then curves, diagnostics, config
+    order = [c.ids.index(name) for name in ("metrics", "retrieval", "curves", "analysis",
+                                            "config")]
+    assert order == sorted(order)
+    analysis = html_text.split('id="analysis"')[1].split("</section>")[0]
+    headline, folded = analysis.split("<details>", 1)
+    assert "rho" in headline and "/some/where" not in headline  # raw record folded away
+    assert "/some/where" in folded
 
 
 def test_report_skips_grid_without_dataset(tmp_path, capsys):
@@ -164,23 +174,29 @@ def test_report_skips_grid_without_dataset(tmp_path, capsys):
     c = parse(out)
     section = out.read_text().split('id="retrieval"')[1].split("</section>")[0]
     assert "retrieval grid skipped" in section and 'class="note"' in section
-    assert c.cells == [] and len(c.imgs) == 3
+    assert c.cells == [] and len(c.imgs) == 4
 
 
 def test_report_of_a_bare_run(tmp_path):
     run = tmp_path / "bare"
     run.mkdir()
+    with pytest.raises(ConfigError, match="not a training run"):
+        build_report(run)  # no metrics.jsonl: not a run (was: rc 0 and an empty page)
+    with pytest.raises(ConfigError, match="not a training run"):
+        build_report(tmp_path / "missing")
+    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "train/proxy": 2.0,
+                                                  "val/recall@1": 0.5}) + "\n")
     out = build_report(run, k=2)
     text = out.read_text()
-    assert text.count('class="note"') == 5  # metrics, curves, analysis, grid, config
-    assert "no such checkpoint" in text or "no checkpoint" in text
-    with pytest.raises(ConfigError, match="does not exist"):
-        build_report(tmp_path / "missing")
+    assert text.count('class="note"') == 4  # metrics, grid, analysis, config
+    assert "no checkpoint" in text
+    assert len(parse(out).imgs) == 2  # one epoch: loss and metric points
 
 
 def test_report_grid_on_digits(tmp_path):
     run = tmp_path / "run"
     save_untrained_digits_checkpoint(run / "checkpoints" / "best.pt")
+    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "train/proxy": 2.0}) + "\n")
     c = parse(build_report(run, k=3, num_queries=2))
     assert c.cells.count("query") == 2 and len(c.cells) == 2 * 4
 
@@ -206,7 +222,7 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     body = re.search(r"<body[^>]*>", dom.stdout)
     assert body, dom.stdout[:500]
     assert 'data-images-ok="true"' in body.group(0), body.group(0)
-    assert f'data-image-count="{2 + 1 + QUERIES * (K + 1)}"' in body.group(0)
+    assert f'data-image-count="{3 + 1 + QUERIES * (K + 1)}"' in body.group(0)
     assert 'data-js-errors="0"' in body.group(0)
     shot = tmp_path / "shot.png"
     res = chromium([f"--screenshot={shot}", "--window-size=1200,2400", url], tmp_path)
@@ -220,3 +236,22 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     # the grid's green and red borders are on screen
     green = ((rgb[..., 1] > 140) & (rgb[..., 0] < 60) & (rgb[..., 2] < 90)).sum()
     assert green > 100
+
+
+def test_curves_plot_metrics_in_percent_not_counts(monkeypatch):
+    import nirdml.retrieval.report as report_module
+
+    seen = {}
+
+    def capture(fig):
+        ax = fig.axes[0]
+        seen[ax.get_title()] = {line.get_label(): list(line.get_ydata()) for line in ax.lines}
+        return "data:image/png;base64,"
+
+    monkeypatch.setattr(report_module, "figure_uri", capture)
+    report_module.plot_curves([{"epoch": 1, "train/proxy": 2.0, "val/recall@1": 0.5,
+                                "val/lone_queries": 0, "val/num_queries": 96,
+                                "probe/nir_grad_share": 0.1}])
+    metrics = seen["Evaluation metrics (%)"]
+    assert metrics == {"val/recall@1": [50.0]}  # percent; counts are not metrics
+    assert "probe/nir_grad_share" in seen["NIR mechanism (training-class probe)"]

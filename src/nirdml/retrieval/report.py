@@ -28,6 +28,9 @@ from nirdml.errors import ConfigError, NirdmlError
 LOSS_PREFIX = "train/"
 EVAL_PREFIXES = ("val/", "test/")
 _SKIP_CURVES = {"train/bad_steps"}
+_COUNT_SUFFIXES = ("lone_queries", "num_queries")
+_MECHANISM_CURVES = {"probe/condition_gain_nats", "probe/nir_grad_share", "probe/cos_between",
+                     "probe/class_id_acc", "flow/drift"}
 
 
 @dataclass
@@ -113,7 +116,8 @@ def tensor_thumbnail(image, size: int = 96, image_kind: str | None = None) -> st
 
 
 def plot_curves(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    """``(title, data URI)`` of the loss-term and evaluation-metric curves per epoch."""
+    """``(title, data URI)`` of the loss terms, the evaluation metrics (percent) and the NIR
+    mechanism metrics per epoch; a run of one or two epochs is drawn as points."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,26 +125,29 @@ def plot_curves(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
     from matplotlib.ticker import MaxNLocator
 
     groups = [
-        ("Training loss terms", lambda k: k.startswith(LOSS_PREFIX) and k not in _SKIP_CURVES),
-        ("Evaluation metrics", lambda k: k.startswith(EVAL_PREFIXES)),
+        ("Training loss terms", lambda k: k.startswith(LOSS_PREFIX) and k not in _SKIP_CURVES,
+         1.0),
+        ("Evaluation metrics (%)", lambda k: k.startswith(EVAL_PREFIXES)
+         and not k.endswith(_COUNT_SUFFIXES), 100.0),
+        ("NIR mechanism (training-class probe)", lambda k: k in _MECHANISM_CURVES, 1.0),
     ]
+    epochs = [r.get("epoch", i + 1) for i, r in enumerate(records)]
     figures = []
-    for title, wanted in groups:
-        keys = sorted({k for r in records for k, v in r.items()
-                       if wanted(k) and _is_number(v)})
-        if title.startswith("Evaluation"):  # scores in [0, 1] share an axis; counts do not
-            keys = [k for k in keys if all(0.0 <= r[k] <= 1.0 for r in records
-                                           if _is_number(r.get(k)))]
+    for title, wanted, scale in groups:
+        keys = sorted({k for r in records for k, v in r.items() if wanted(k) and _is_number(v)})
         if not keys:
             continue
         fig, ax = plt.subplots(figsize=(7.0, 3.4))
         for key in keys:
-            pts = [(r.get("epoch", i + 1), r[key]) for i, r in enumerate(records)
+            pts = [(e, scale * r[key]) for e, r in zip(epochs, records)
                    if _is_number(r.get(key))]
             xs, ys = zip(*pts, strict=True)
-            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=key)
+            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=4,
+                    linestyle="-" if len(xs) > 2 else "none", label=key)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if max(epochs) - min(epochs) < 2:
+            ax.set_xlim(min(epochs) - 0.75, max(epochs) + 0.75)
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
@@ -287,89 +294,114 @@ def build_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
                  k: int = 5, num_queries: int = 6, checkpoint: str | os.PathLike | None = None,
                  device: str = "cpu", data_root: str | None = None, grid: bool = True,
                  seed: int = 0) -> Path:
-    """Write the HTML report of ``run_dir`` to ``out`` (default ``run_dir/report.html``)."""
+    """Write the HTML report of ``run_dir`` to ``out`` (default ``run_dir/report.html``).
+
+    Sections, most useful first: test metrics, retrieval examples, training curves (loss terms,
+    evaluation metrics in percent, the NIR mechanism metrics), structure diagnostics (headline
+    numbers; the whole ``analysis.json`` folded), configuration.
+    """
     from nirdml import __version__
+    from nirdml.files import atomic_write_text
 
     run = Path(run_dir)
-    if not run.is_dir():
-        raise ConfigError(f"run folder {str(run)!r} does not exist; pass the --out folder of "
-                          f"nirdml train")
+    if not (run / "metrics.jsonl").is_file():
+        raise ConfigError(f"{str(run)!r} is not a training run (no metrics.jsonl in it); pass "
+                          f"the --out folder of nirdml train")
     if k < 1 or num_queries < 1:
         raise ConfigError("k and the number of queries must be >= 1")
     out = Path(out) if out is not None else run / "report.html"
+    ckpt = Path(checkpoint) if checkpoint else run / "checkpoints" / "best.pt"
     parts = [f"<h1>nirdml run report: {html.escape(run.resolve().name)}</h1>",
              f"<p>{html.escape(str(run.resolve()))} &middot; generated "
-             f"{time.strftime('%Y-%m-%d %H:%M')} by nirdml {html.escape(__version__)}</p>"]
-
-    parts.append('<section id="metrics"><h2>Test metrics</h2>')
-    final, problem = _read_json(run / "final.json")
-    if isinstance(final, dict):
-        parts.append(_table(_flatten(final)))
-    else:
-        parts.append(_note(problem or "final.json does not hold a JSON object"))
-    parts.append("</section>")
-
-    parts.append('<section id="curves"><h2>Training curves</h2>')
-    records = read_metrics(run / "metrics.jsonl")
-    figures = plot_curves(records) if records else []
-    if figures:
-        parts += [f'<figure><img src="{uri}" alt="{html.escape(t)}"><figcaption>'
-                  f"{html.escape(t)}</figcaption></figure>" for t, uri in figures]
-    else:
-        parts.append(_note("no metrics.jsonl records to plot"))
-    parts.append("</section>")
-
-    parts.append('<section id="analysis"><h2>Structure diagnostics</h2>')
-    adir = run / "analysis"
-    pngs = sorted(adir.glob("*.png")) if adir.is_dir() else []
-    analysis, _ = _read_json(adir / "analysis.json")
-    if not pngs and analysis is None:
-        parts.append(_note(f"no diagnostics; run: nirdml analyze --checkpoint "
-                           f"{run / 'checkpoints' / 'best.pt'} --out {adir}"))
-    for png in pngs:
-        parts.append(f'<figure><img src="{png_data_uri(png.read_bytes())}" '
-                     f'alt="{html.escape(png.stem)}"><figcaption>{html.escape(png.name)}'
-                     f"</figcaption></figure>")
-    if isinstance(analysis, dict):
-        flat = _flatten(analysis)
-        scalars = {k: v for k, v in flat.items() if not isinstance(v, list) or len(v) <= 8}
-        parts.append(_table(scalars))
-    parts.append("</section>")
-
-    parts.append('<section id="retrieval"><h2>Retrieval examples (test split)</h2>')
-    ckpt = Path(checkpoint) if checkpoint else run / "checkpoints" / "best.pt"
-    if not grid:
-        parts.append(_note("retrieval grid not requested"))
-    elif not ckpt.is_file():
-        parts.append(_note(f"retrieval grid skipped: no checkpoint {ckpt}"))
-    else:
-        try:
-            rows = retrieval_grid(ckpt, k=k, num_queries=num_queries, device=device,
-                                  data_root=data_root, seed=seed)
-        except (NirdmlError, OSError) as exc:
-            parts.append(_note(f"retrieval grid skipped: the test data is not available "
-                               f"({type(exc).__name__}: {exc})"))
-        else:
-            parts.append(f"<p>{len(rows)} test queries and their top-{len(rows[0].results)} "
-                         f"neighbours from {html.escape(ckpt.name)}; green: same class, "
-                         f"red: another class.</p>")
-            parts.append(_grid_html(rows, len(rows[0].results)))
-    parts.append("</section>")
-
-    parts.append('<section id="config"><h2>Configuration</h2>')
-    cfg_path = run / "config.yaml"
-    if cfg_path.is_file():
-        parts.append(f"<pre>{html.escape(cfg_path.read_text(errors='replace'))}</pre>")
-    else:
-        parts.append(_note("config.yaml not found"))
-    parts.append("</section>")
-
+             f"{time.strftime('%Y-%m-%d %H:%M')} by nirdml {html.escape(__version__)}</p>",
+             _metrics_section(run),
+             _grid_section(ckpt, grid, k, num_queries, device, data_root, seed),
+             _curves_section(read_metrics(run / "metrics.jsonl")),
+             _analysis_section(run),
+             _config_section(run)]
     page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>nirdml report: {html.escape(run.resolve().name)}</title>"
             f"<style>{_CSS}</style><script>{_SCRIPT}</script></head>\n<body>\n"
             + "\n".join(parts) + "\n</body></html>\n")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)
+    atomic_write_text(out, page)
     return out
+
+
+def _section(name: str, title: str, body: list[str]) -> str:
+    return f'<section id="{name}"><h2>{html.escape(title)}</h2>' + "".join(body) + "</section>"
+
+
+def _metrics_section(run: Path) -> str:
+    final, problem = _read_json(run / "final.json")
+    if not isinstance(final, dict):
+        return _section("metrics", "Test metrics",
+                        [_note(problem or "final.json does not hold a JSON object")])
+    shown = {k: (f"{100 * v:.2f} %" if _is_number(v) and not isinstance(v, int)
+                 and k not in ("selected_epoch",) else v)
+             for k, v in _flatten(final).items()}
+    return _section("metrics", "Test metrics", [_table(shown)])
+
+
+def _grid_section(ckpt: Path, grid: bool, k: int, num_queries: int, device: str,
+                  data_root: str | None, seed: int) -> str:
+    title = "Retrieval examples (test split)"
+    if not grid:
+        return _section("retrieval", title, [_note("retrieval grid not requested")])
+    if not ckpt.is_file():
+        return _section("retrieval", title, [_note(f"retrieval grid skipped: no checkpoint "
+                                                   f"{ckpt}")])
+    try:
+        rows = retrieval_grid(ckpt, k=k, num_queries=num_queries, device=device,
+                              data_root=data_root, seed=seed)
+    except (NirdmlError, OSError) as exc:
+        return _section("retrieval", title, [_note(
+            f"retrieval grid skipped: the test data is not available "
+            f"({type(exc).__name__}: {exc})")])
+    return _section("retrieval", title, [
+        f"<p>{len(rows)} test queries and their top-{len(rows[0].results)} neighbours from "
+        f"{html.escape(ckpt.name)}; green: same class, red: another class.</p>",
+        _grid_html(rows, len(rows[0].results))])
+
+
+def _curves_section(records: list[dict[str, Any]]) -> str:
+    figures = plot_curves(records) if records else []
+    if not figures:
+        return _section("curves", "Training curves", [_note("no metrics.jsonl records to plot")])
+    return _section("curves", "Training curves", [
+        f'<figure><img src="{uri}" alt="{html.escape(t)}"><figcaption>{html.escape(t)}'
+        f"</figcaption></figure>" for t, uri in figures])
+
+
+#: the headline numbers of ``analysis.json`` shown as a table (the rest is folded)
+ANALYSIS_HEADLINE = ("rho", "pi_density", "sigma2_kappa", "g2", "num_samples", "num_classes",
+                     "flow_samples.condition_gain_nats", "flow_samples.class_id_acc",
+                     "flow_samples.cos_between", "flow_samples.flow_drift")
+
+
+def _analysis_section(run: Path) -> str:
+    adir = run / "analysis"
+    pngs = sorted(adir.glob("*.png")) if adir.is_dir() else []
+    analysis, _ = _read_json(adir / "analysis.json")
+    body = []
+    if not pngs and analysis is None:
+        body.append(_note(f"no diagnostics; run: nirdml analyze --checkpoint "
+                          f"{run / 'checkpoints' / 'best.pt'} --out {adir}"))
+    if isinstance(analysis, dict):
+        flat = _flatten(analysis)
+        body.append(_table({k: flat[k] for k in ANALYSIS_HEADLINE if k in flat}))
+    body += [f'<figure><img src="{png_data_uri(png.read_bytes())}" alt="{html.escape(png.stem)}">'
+             f"<figcaption>{html.escape(png.name)}</figcaption></figure>" for png in pngs]
+    if isinstance(analysis, dict):
+        body.append("<details><summary>all of analysis.json</summary>"
+                    f"<pre>{html.escape(json.dumps(analysis, indent=1))}</pre></details>")
+    return _section("analysis", "Structure diagnostics", body)
+
+
+def _config_section(run: Path) -> str:
+    cfg_path = run / "config.yaml"
+    if not cfg_path.is_file():
+        return _section("config", "Configuration", [_note("config.yaml not found")])
+    return _section("config", "Configuration", [
+        "<details><summary>config.yaml</summary>"
+        f"<pre>{html.escape(cfg_path.read_text(errors='replace'))}</pre></details>"])
