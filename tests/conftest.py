@@ -55,6 +55,19 @@ def need(module: str):
         pytest.skip(f"{module} is not installed (pip install -e '.[dev]')")
 
 
+def need_program(*names: str) -> str:
+    """The path of the first program of ``names`` on PATH: skip when none is, fail in CI."""
+    import shutil
+
+    for name in names:
+        found = shutil.which(name)
+        if found:
+            return found
+    if IN_CI:
+        pytest.fail(f"{' or '.join(names)} is missing in CI; .ci/run installs it")
+    pytest.skip(f"{' or '.join(names)} is not installed")
+
+
 def need_shared(relative: str) -> Path:
     """A file or folder under ``../shared/data``: skip when absent, fail in CI."""
     path = SHARED_DATA / relative

@@ -6,7 +6,6 @@ import base64
 import io
 import json
 import re
-import shutil
 import subprocess
 from html.parser import HTMLParser
 from types import SimpleNamespace
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import save_untrained_digits_checkpoint
+from conftest import need_program, save_untrained_digits_checkpoint
 from nirdml.cli import main
 from nirdml.errors import ConfigError
 from nirdml.retrieval.report import build_report
@@ -201,18 +200,15 @@ def test_report_grid_on_digits(tmp_path):
     assert c.cells.count("query") == 2 and len(c.cells) == 2 * 4
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
 def chromium(args, tmp_path, timeout=60):
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+    cmd = [need_program("chromium", "chromium-browser"), "--headless", "--no-sandbox",
+           "--disable-gpu", "--disable-quic",
            "--no-first-run", "--disable-background-networking", "--disable-component-update",
            "--disable-sync", "--disable-dev-shm-usage", "--hide-scrollbars",
            f"--user-data-dir={tmp_path / 'chromium-profile'}", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
 def test_report_renders_in_headless_chromium(report, tmp_path):
     from PIL import Image
 
