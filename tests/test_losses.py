@@ -79,9 +79,11 @@ def test_proxy_anchor_matches_pml(seed):
     _compare(ours, ref, lambda: ref.proxies.grad, emb, labels)
 
 
-def test_proxy_anchor_brute_force_and_terms():
-    # Oracle: Kim et al. eq. (4) with explicit loops.
-    ours = _make(ProxyAnchorLoss, alpha=16.0, delta=0.2)
+@pytest.mark.parametrize("alpha", [16.0, 128.0], ids=["fused", "shifted"])
+def test_proxy_anchor_brute_force_and_terms(alpha):
+    # Oracle: Kim et al. eq. (4) with explicit loops (alpha 128 takes the max-shifted path:
+    # exp(128 * 1.2) would overflow float32 unshifted)
+    ours = _make(ProxyAnchorLoss, alpha=alpha, delta=0.2)
     emb, labels = _batch(3)
     loss = ours(emb, labels)
     e = F.normalize(emb, dim=1)
@@ -90,12 +92,12 @@ def test_proxy_anchor_brute_force_and_terms():
     pos = neg = 0.0
     for c in range(C):
         sp = sum(
-            math.exp(-16.0 * (float(e[i] @ p[c]) - 0.2))
+            math.exp(-alpha * (float(e[i] @ p[c]) - 0.2))
             for i in range(len(labels))
             if labels[i] == c
         )
         sn = sum(
-            math.exp(16.0 * (float(e[i] @ p[c]) + 0.2))
+            math.exp(alpha * (float(e[i] @ p[c]) + 0.2))
             for i in range(len(labels))
             if labels[i] != c
         )
@@ -303,3 +305,22 @@ def test_bf16_autocast_cpu(name):
     assert torch.isfinite(proxy_grad).all() and torch.isfinite(head_grad).all()
     for got, want in ((proxy_grad, loss.proxies.grad), (head_grad, head.weight.grad)):
         assert (got - want).norm() <= 0.05 * want.norm()
+
+
+def test_proxy_anchor_fused_and_shifted_forms_agree_in_value_and_gradient():
+    """The fast path (own-proxy positives, fused negative term with a hand-written backward)
+    against the plain max-shifted autograd form, float64, many classes absent."""
+    torch.manual_seed(5)
+    loss = ProxyAnchorLoss(300, 16).double()
+    emb = torch.randn(40, 16, dtype=torch.float64)
+    labels = torch.randint(0, 300, (40,))
+    labels[:10] = labels[10:20]  # some classes twice
+    results = []
+    for compute in (loss._compute, loss._compute_shifted):
+        e = emb.clone().requires_grad_()
+        loss.proxies.grad = None
+        total, terms = compute(e, labels)
+        total.backward()
+        results.append((total.detach(), terms["pos"].detach(), e.grad, loss.proxies.grad.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
