@@ -448,3 +448,15 @@ def test_collapsed_embeddings_settle_without_an_all_pairs_tie_resolution(backend
     with warnings.catch_warnings():
         warnings.simplefilter("error", knn.DegenerateTiesWarning)
         evaluate(*make_data(4), metrics=RANKING, backend=backend)  # ordinary data: no warning
+
+
+def test_auto_backend_is_torch_on_a_gpu(monkeypatch):
+    import torch
+
+    from nirdml.evaluation.knn import resolve_backend
+
+    assert resolve_backend("auto", device="cpu") == "faiss"  # the CPU: faiss
+    assert resolve_backend("auto", device="cuda:0") == "torch"  # blockwise matmul + top-k
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_backend("auto") == "torch"  # no device given: the GPU when present
+    assert resolve_backend("faiss") == "faiss"  # an explicit choice stands

@@ -370,3 +370,17 @@ def test_input_errors_come_from_the_base_loss_checks():
     bad[0, 0] = float("nan")
     with pytest.raises(InputError, match="NaN"):
         nir(bad, LABELS)
+
+
+def test_cuda_graphs_option_is_the_eager_path_off_the_gpu():
+    """On the CPU (and without autograd) the graphed NLL is the eager one, bit for bit; the
+    captured path itself is checked on a GPU (tests/test_gpu.py)."""
+    a = _nir(mode="paper", weight=0.5)
+    b = _nir(mode="paper", weight=0.5, cuda_graphs=True)
+    emb = _emb(11)
+    e1, e2 = emb.clone().requires_grad_(), emb.clone().requires_grad_()
+    a(e1, LABELS).backward()
+    b(e2, LABELS).backward()
+    assert torch.equal(e1.grad, e2.grad) and b._graphed.graphs == {}
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p.grad, q.grad)

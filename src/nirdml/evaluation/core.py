@@ -318,7 +318,7 @@ def evaluate(
     bars for the neighbour search and the clustering on a terminal.
     """
     spec = parse_metrics(metrics, recall_ks)
-    backend = resolve_backend(backend)
+    backend = resolve_backend(backend, device)
     x = normalize_embeddings(embeddings)
     n = x.shape[0]
     y = _labels(labels, n)

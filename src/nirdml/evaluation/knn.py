@@ -52,11 +52,26 @@ def faiss_available() -> bool:
     return True
 
 
-def resolve_backend(backend: str) -> str:
-    """Map ``"auto"`` to ``"faiss"`` when faiss imports, else ``"torch"``; check explicit names."""
+def cuda_device(device=None):
+    """The CUDA device exact search should run on: ``device`` if it is one, the current GPU when
+    ``device`` is None and one is present, else None (the CPU)."""
+    import torch
+
+    if device is not None:
+        device = torch.device(device)
+        return device if device.type == "cuda" else None
+    return torch.device("cuda") if torch.cuda.is_available() else None
+
+
+def resolve_backend(backend: str, device=None) -> str:
+    """Map ``"auto"`` to ``"torch"`` on a GPU (blockwise matmul + top-k there; ``device`` None
+    means: the GPU when there is one), else to ``"faiss"`` when faiss imports, else ``"torch"``;
+    check explicit names."""
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
+        if cuda_device(device) is not None:
+            return "torch"
         return "faiss" if faiss_available() else "torch"
     if backend == "faiss" and not faiss_available():
         raise ConfigError(
@@ -81,10 +96,17 @@ def available_memory_bytes() -> int:
         return 4 * 2**30
 
 
-def memory_budget(max_memory_bytes: int | None = None) -> int:
-    """Bytes the search may use for its blocks: a quarter of available memory, at most 512 MiB."""
+def memory_budget(max_memory_bytes: int | None = None, gpu=None) -> int:
+    """Bytes the search may use for its blocks: a quarter of the available memory, at most
+    512 MiB on the CPU; on a GPU (``gpu``: its device) a quarter of its free memory, at most
+    8 GiB."""
     if max_memory_bytes is not None:
         return max(int(max_memory_bytes), 2**20)
+    if gpu is not None:
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(gpu)
+        return max(min(free // 4, 8 * 2**30), 16 * 2**20)
     return max(min(available_memory_bytes() // 4, _DEFAULT_BUDGET), 16 * 2**20)
 
 
@@ -446,14 +468,15 @@ def knn_blocks(
     With ``query_labels`` and ``gallery_labels``, near ties between neighbours of equal relevance
     (same-class or not) are left in backend order: cheaper, and no metric can tell.
     """
-    backend = resolve_backend(backend)
+    backend = resolve_backend(backend, device)
     n_gallery = gallery.shape[0]
     width = int(min(k, n_gallery))
     if width < 1:
         raise ConfigError("k must be at least 1")
     tol = score_tolerance(gallery.shape[1])
     extra = 4 + width // 32
-    budget = memory_budget(max_memory_bytes)
+    budget = memory_budget(max_memory_bytes,
+                           cuda_device(device) if backend == "torch" else None)
     tile_bytes = budget // 2  # faiss's BLAS tile; the rest for the query block
     if block_size is None:
         block_size = query_block_size(

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from nirdml.errors import ConfigError
 from nirdml.nir.flow import ConditionalGlowFlow
+from nirdml.nir.graphs import GraphedNLL
 
 #: How the NIR term and the proxy loss are combined (see the module docstring).
 NIR_MODES = ("release", "paper", "selfnorm", "disc")
@@ -104,6 +105,8 @@ class NIRLoss(nn.Module):
         nll_weight: ``disc`` mode: weight of a plain (per-dim) NLL term beside the CE (>= 0).
         flow_lr_multiplier: the flow's learning rate is ``lr * flow_lr_multiplier`` in
             :meth:`param_groups` (the release: 50, SOP 1).
+        cuda_graphs: on a GPU, replay the NLL's forward and backward from CUDA graphs (the
+            flow is launch-bound there); eager on the CPU and for new shapes.
 
     ``last_terms`` (detached): ``proxy`` (the base loss), ``nir`` (the NIR term as combined),
     ``nll`` (mean per-sample NLL in nats), ``nll_max``, ``material`` (fraction of the batch whose
@@ -129,6 +132,7 @@ class NIRLoss(nn.Module):
         negatives: int = 1,
         nll_weight: float = 0.0,
         flow_lr_multiplier: float = 50.0,
+        cuda_graphs: bool = False,
         **flow_kwargs,
     ):
         super().__init__()
@@ -179,6 +183,8 @@ class NIRLoss(nn.Module):
         self.num_classes = base_loss.num_classes
         self.embedding_dim = base_loss.embedding_dim
         self.fitting_only = False  # True during the flow warm-up (see set_epoch)
+        self.cuda_graphs = bool(cuda_graphs)
+        self._graphed = GraphedNLL(self, self._nll) if self.cuda_graphs else None
         sphere = -0.5 * math.log(self.embedding_dim)
         if base_scale == "learned":
             self.base_log_scale = nn.Parameter(torch.tensor(sphere))
@@ -209,7 +215,13 @@ class NIRLoss(nn.Module):
     # ------------------------------------------------------------------ the NLL
     def nll(self, x: Tensor, cond: Tensor) -> Tensor:
         """Per-sample NLL in nats (constant ``D/2 log 2 pi`` dropped) of unit vectors ``x`` given
-        normalised conditions ``cond``, under the flow and this loss's base distribution."""
+        normalised conditions ``cond``, under the flow and this loss's base distribution
+        (replayed from CUDA graphs with ``cuda_graphs=True`` on a GPU, ``nirdml.nir.graphs``)."""
+        if self._graphed is not None:
+            return self._graphed(x, cond)
+        return self._nll(x, cond)
+
+    def _nll(self, x: Tensor, cond: Tensor) -> Tensor:
         if self.base_scale == "standard":
             return self.flow.nll(x, cond)
         z, log_det = self.flow(x, cond)

@@ -86,6 +86,7 @@ class NIRConfig:
     negatives: int = 1
     nll_weight: float = 0.0
     flow_lr_multiplier: float = 50.0
+    cuda_graphs: bool = False
     num_blocks: int = 5
     subnet_depth: int = 8
     subnet_width: int = 128
