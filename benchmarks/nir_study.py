@@ -83,13 +83,13 @@ VARIANTS: dict[str, list[str]] = {
 #: the disc forms sit at 0.05-0.1 without collapsing.
 SEARCH = [
     "base",
-    "disc/dim w=1", "disc/dim w=3", "disc/dim k4 w=3", "disc w=1", "disc/dim+nll w=1",
-    "disc/dim+sphere w=1", "disc/dim+embed w=1",
-    "release/dim w=0.1", "release/dim w=0.3",
-    "paper/dim w=0.1", "paper/dim w=0.3", "selfnorm/dim w=0.1", "selfnorm/dim w=0.3",
+    "disc/dim w=1", "disc/dim w=0.3", "disc/dim+nll w=0.3", "disc w=1",
+    "release/dim w=0.1", "paper/dim w=0.1", "selfnorm/dim w=0.1",
     "paper/dim+noise w=1", "paper/dim+sphere w=0.1", "paper/dim+learned w=0.1",
     "paper/dim+warmup w=0.3", "release/dim+warmup w=0.1",
+    "disc/dim k4 w=1", "disc/dim+sphere w=0.3", "disc/dim+embed w=0.3",
     "release", "paper w=0.001",
+    "release/dim w=0.3", "paper/dim w=0.3", "selfnorm/dim w=0.3", "disc/dim w=3",
 ]
 
 #: mechanism metrics shown in the tables (key in metrics.jsonl -> column)
