@@ -325,7 +325,8 @@ def test_analyze_checkpoint_path_with_stand_ins(tmp_path, monkeypatch):
     the model, data and criterion replaced by small stand-ins."""
     torch = pytest.importorskip("torch")
     import nirdml.data
-    from nirdml.training import builders, inference
+    from nirdml.run import TrainedRun
+    from nirdml.training import builders
     from nirdml.training.config import load_config
 
     cfg = load_config("digits", ["model.embedding_dim=8"])
@@ -351,8 +352,13 @@ def test_analyze_checkpoint_path_with_stand_ins(tmp_path, monkeypatch):
         def __getitem__(self, i):
             return self.images[i], int(self.labels[i])
 
+        def select(self, rows):
+            subset = Data(0, 1)
+            subset.labels, subset.images = self.labels[rows], self.images[rows]
+            return subset
+
     class Splits:
-        train, image_kind = Data(60, 6), "gray_small"
+        train, test, image_kind = Data(60, 6), Data(90, 5), "gray_small"
 
     class Model(torch.nn.Module):
         def __init__(self):
@@ -391,15 +397,20 @@ def test_analyze_checkpoint_path_with_stand_ins(tmp_path, monkeypatch):
             self.base_loss, self.flow = Base(c), Flow()
 
     trained = Crit(6)
-    state = {"num_classes": 6, "criterion": trained.state_dict()}
+    state = {"config": cfg.to_dict(), "model": Model().state_dict(), "num_classes": 6,
+             "criterion": trained.state_dict()}
     seen = {}
+    embed = TrainedRun.embed
 
-    def fake_embed(ck, split, device, batch_size, data_root):
-        seen["split"] = split
-        return builders.Embeddings(test_x, test_y), cfg
+    def spying_embed(self, what, *args, **kwargs):
+        if isinstance(what, str):
+            seen["split"] = what
+        return embed(self, what, *args, **kwargs)
 
-    monkeypatch.setattr(inference, "embed_checkpoint_split", fake_embed)
-    monkeypatch.setattr(inference, "load_trained_model", lambda ck, dev: (Model(), cfg, state))
+    monkeypatch.setattr(TrainedRun, "open", classmethod(
+        lambda cls, ck, device, data_root=None: cls(state, ck, device, data_root)))
+    monkeypatch.setattr(TrainedRun, "embed", spying_embed)
+    monkeypatch.setattr(builders, "build_model", lambda c, in_chans=None: Model())
     monkeypatch.setattr(builders, "build_criterion", lambda c, n: Crit(n))
     monkeypatch.setattr(builders, "build_splits", lambda c: Splits())
     monkeypatch.setattr(nirdml.data, "build_transforms", lambda *a, **k: None, raising=False)

@@ -41,10 +41,10 @@ def test_unwritable_outputs_are_refused_before_any_work(checkpoint, readonly, tm
     if os.geteuid() == 0:  # root writes anywhere: block the folder with a file instead
         readonly = tmp_path / "a-file"
         readonly.write_text("not a folder")
-    import nirdml.training.inference as inference
+    from nirdml.run import TrainedRun
 
-    monkeypatch.setattr(inference, "embed_checkpoint_split",
-                        lambda *a, **k: pytest.fail("embedded before checking --out"))
+    monkeypatch.setattr(TrainedRun, "open",
+                        lambda *a, **k: pytest.fail("opened the checkpoint before checking --out"))
     _refused(capsys, ["embed", "--checkpoint", str(checkpoint), "--out",
                       str(readonly / "e.npz")], "--out", "cannot be written")
     _refused(capsys, ["evaluate", "--checkpoint", str(checkpoint), "--json",

@@ -39,9 +39,9 @@ def checkpoint(tmp_path_factory):
 
 
 def reference(checkpoint, x):
-    from nirdml.training.inference import load_trained_model
+    from nirdml.run import TrainedRun
 
-    model, _, _ = load_trained_model(checkpoint, device="cpu")
+    model = TrainedRun.open(checkpoint, device="cpu").model
     with torch.no_grad():
         return model(torch.from_numpy(x)).numpy(), model_fingerprint(model)
 

@@ -64,9 +64,9 @@ def test_cache_key_changes_with_weights_transform_data_and_description():
 
 @pytest.mark.slow
 def test_frozen_backbone_run_trains_the_head_only_and_embeds_images(tmp_path):
+    from nirdml.run import TrainedRun
     from nirdml.training import Trainer
     from nirdml.training.config import load_config
-    from nirdml.training.inference import embed_checkpoint_split
 
     cfg = load_config("digits", [
         "train.epochs=2", "train.progress=false", "train.tensorboard=false",
@@ -82,7 +82,7 @@ def test_frozen_backbone_run_trains_the_head_only_and_embeds_images(tmp_path):
     assert trainer.splits.image_kind == "features"
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 2  # train and test
     # the checkpoint is a whole image model: embedding the test images gives what was evaluated
-    emb, _ = embed_checkpoint_split(tmp_path / "run" / "checkpoints" / "best.pt", "test", "cpu")
+    emb = TrainedRun.open(tmp_path / "run" / "checkpoints" / "best.pt", "cpu").embed("test")
     from nirdml.evaluation import evaluate
 
     again = evaluate(emb.embeddings, emb.labels, recall_ks=(1,), metrics=["recall", "map@r"])

@@ -125,8 +125,7 @@ def test_select_on_test_is_labelled(tmp_path):
 def test_evaluate_and_embed_from_checkpoint(tmp_path, capsys):
     import numpy as np
 
-    from nirdml.training import builders
-    from nirdml.training.inference import load_trained_model
+    from nirdml.run import TrainedRun
 
     Trainer(_cfg("train.epochs=1"), tmp_path / "r").fit()
     ck = tmp_path / "r/checkpoints/best.pt"
@@ -135,8 +134,8 @@ def test_evaluate_and_embed_from_checkpoint(tmp_path, capsys):
     assert data["embeddings"].shape == (896, 16)
     assert np.allclose(np.linalg.norm(data["embeddings"], axis=1), 1, atol=1e-5)
     # labels and order: row i is test image i of the checkpoint's own data, with its label
-    model, cfg, _ = load_trained_model(ck, "cpu")
-    test = builders.build_splits(cfg).test
+    run = TrainedRun.open(ck, "cpu")
+    model, test = run.model, run.split("test")
     assert np.array_equal(data["labels"], test.labels)
     rows = [0, 1, 417, 895]
     with torch.no_grad():

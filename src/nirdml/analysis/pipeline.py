@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from nirdml.analysis.diagnostics import structure_report
-from nirdml.errors import CheckpointError, InputError
+from nirdml.errors import InputError
 
 #: figure file names written by :func:`analyze`
 PLOT_FILES = {"spectrum": "spectrum.png", "distances": "distances.png", "tsne": "tsne.png",
@@ -34,57 +34,22 @@ def load_embeddings_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         raise InputError(f"cannot read {str(path)!r} as an npz file: {exc}") from None
 
 
-class _Subset:
-    """Rows ``indices`` of a labelled dataset, keeping a ``labels`` array (for embed_dataset)."""
+def _flow_samples(run, batch_size: int | None, num_classes_shown: int,
+                  max_real_per_class: int, seed: int) -> dict[str, Any] | None:
+    """The run's flow and a few training classes embedded (evaluation transform), for the
+    flow figure and the mechanism metrics; ``None`` when the run has no flow.
 
-    def __init__(self, dataset, indices: np.ndarray):
-        self.dataset = dataset
-        self.indices = np.asarray(indices, dtype=np.int64)
-        self.labels = np.asarray(dataset.labels)[self.indices]
-
-    def __len__(self) -> int:
-        return int(self.indices.size)
-
-    def __getitem__(self, i: int):
-        return self.dataset[int(self.indices[i])]
-
-
-def _flow_from_checkpoint(checkpoint, device: str, data_root: str | None,
-                          batch_size: int | None, num_classes_shown: int,
-                          max_real_per_class: int, seed: int):
-    """Rebuild the checkpoint's criterion; if it has a flow, embed a few train classes.
-
-    Returns ``None`` when the criterion has no flow, else a dict with ``flow``, ``proxies``,
-    ``proxies_per_class``, ``embeddings``, ``labels`` (train split, chosen classes only) and
-    ``classes``.
+    Returns ``flow``, ``proxies``, ``proxies_per_class``, ``embeddings``, ``labels`` (training
+    numbering: what the proxies are indexed by), ``classes``, ``criterion`` and ``flow_init``.
     """
-    from nirdml.data import build_transforms
-    from nirdml.training import builders
-    from nirdml.training.inference import load_trained_model
-
-    model, cfg, state = load_trained_model(checkpoint, device)
-    if not cfg.loss.nir.enabled:
+    if not run.config.loss.nir.enabled:
         return None
-    if data_root is not None:
-        cfg.data.root = data_root
-    criterion = builders.build_criterion(cfg, int(state["num_classes"]))
-    try:
-        criterion.load_state_dict(state["criterion"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"the criterion state of {str(checkpoint)!r} does not match its "
-                              f"config ({exc})") from None
-    criterion.eval()
+    criterion = run.criterion
     flow = getattr(criterion, "flow", None)
     if flow is None:
         return None
     base = getattr(criterion, "base_loss", criterion)
-    proxies = base.proxies.detach().cpu()
-    k = int(getattr(base, "proxies_per_class", 1))
-
-    splits = builders.build_splits(cfg)
-    train = splits.train
-    train.transform = build_transforms(splits.image_kind, train=False,
-                                       image_size=cfg.data.image_size)
+    train = run.split("train")
     labels = np.asarray(train.labels)
     rng = np.random.default_rng(seed)
     present = np.unique(labels)
@@ -96,14 +61,12 @@ def _flow_from_checkpoint(checkpoint, device: str, data_root: str | None,
         if members.size > max_real_per_class:
             members = np.sort(rng.choice(members, size=max_real_per_class, replace=False))
         idx.append(members)
-    subset = _Subset(train, np.concatenate(idx))
-    dev = next(model.parameters()).device
-    emb = builders.embed_dataset(model, subset, dev,
-                                 batch_size=batch_size or cfg.data.eval_batch_size,
-                                 num_workers=cfg.data.num_workers, amp=cfg.train.amp)
-    return {"flow": flow, "proxies": proxies, "proxies_per_class": k,
-            "embeddings": emb.embeddings, "labels": emb.labels, "classes": classes,
-            "criterion": criterion, "flow_init": state.get("flow_init")}
+    rows = np.concatenate(idx)
+    emb = run.embed(train.select(rows), batch_size)
+    return {"flow": flow, "proxies": base.proxies.detach().cpu(),
+            "proxies_per_class": int(getattr(base, "proxies_per_class", 1)),
+            "embeddings": emb.embeddings, "labels": labels[rows], "classes": classes,
+            "criterion": criterion, "flow_init": run.flow_init}
 
 
 def mechanism_metrics(flow_info: dict[str, Any], seed: int = 0) -> dict[str, Any]:
@@ -133,7 +96,7 @@ def analyze(embeddings=None, labels=None, checkpoint=None, out_dir: str | Path =
 
     Input is either ``embeddings`` (an ``(N, D)`` array with ``labels``, or the path of an npz with
     keys ``embeddings`` and ``labels``) or ``checkpoint`` (its ``split`` is embedded with
-    :func:`nirdml.training.inference.embed_checkpoint_split`). For a checkpoint trained with NIR
+    :class:`nirdml.run.TrainedRun`). For a checkpoint trained with NIR
     and ``flow_classes > 0``, ``flow_classes`` random training classes are embedded too and the
     flow is sampled around their proxies: statistics (and :func:`mechanism_metrics`) go to
     ``analysis.json["flow_samples"]``,
@@ -143,12 +106,15 @@ def analyze(embeddings=None, labels=None, checkpoint=None, out_dir: str | Path =
     if (embeddings is None) == (checkpoint is None):
         raise InputError("give exactly one of embeddings (array or .npz) and checkpoint")
     source: dict[str, Any]
+    run = None
     if checkpoint is not None:
-        from nirdml.training.inference import embed_checkpoint_split
+        from nirdml.run import TrainedRun
 
-        emb, cfg = embed_checkpoint_split(checkpoint, split, device, batch_size, data_root)
+        run = TrainedRun.open(checkpoint, device, data_root)
+        emb = run.embed(split, batch_size)
         x, y = emb.embeddings, emb.labels
-        source = {"checkpoint": str(checkpoint), "split": split, "dataset": cfg.data.name}
+        source = {"checkpoint": str(checkpoint), "split": split,
+                  "dataset": run.config.data.name}
     elif isinstance(embeddings, (str, Path)):
         if labels is not None:
             raise InputError("labels come from the npz file; do not pass them as well")
@@ -166,9 +132,9 @@ def analyze(embeddings=None, labels=None, checkpoint=None, out_dir: str | Path =
     out.mkdir(parents=True, exist_ok=True)
 
     flow_info = None
-    if checkpoint is not None and flow_classes > 0 and cfg.loss.nir.enabled:
-        flow_info = _flow_from_checkpoint(checkpoint, device, data_root, batch_size,
-                                          flow_classes, max_real_per_class=200, seed=seed)
+    if run is not None and flow_classes > 0:
+        flow_info = _flow_samples(run, batch_size, flow_classes, max_real_per_class=200,
+                                  seed=seed)
 
     if plots or flow_info is not None:
         from nirdml.analysis import plots as pl

@@ -23,12 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from nirdml.files import check_writable_file
-    from nirdml.training.inference import embed_checkpoint_split
+    from nirdml.run import TrainedRun
 
     check_writable_file(args.out)
-    emb, cfg = embed_checkpoint_split(args.checkpoint, args.split, args.device, args.batch_size,
-                                      args.data_root)
+    run = TrainedRun.open(args.checkpoint, args.device, args.data_root)
+    emb = run.embed(args.split, args.batch_size, progress=args.split)
     emb.save_npz(args.out)
     print(f"wrote {emb.embeddings.shape[0]} x {emb.embeddings.shape[1]} embeddings of "
-          f"{cfg.data.name}/{args.split} to {args.out}")
+          f"{run.config.data.name}/{args.split} to {args.out}")
     return 0

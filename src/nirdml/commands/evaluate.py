@@ -94,12 +94,10 @@ def run(args: argparse.Namespace) -> int:
         title = f"nirdml evaluate: {args.embeddings}"
     elif args.checkpoint:
         from nirdml.evaluation import evaluate
-        from nirdml.training.inference import embed_checkpoint_split
+        from nirdml.run import TrainedRun
 
-        emb, cfg = embed_checkpoint_split(
-            args.checkpoint, split=args.split, device=args.device or "auto",
-            data_root=args.data_root,
-        )
+        run = TrainedRun.open(args.checkpoint, args.device or "auto", args.data_root)
+        emb, cfg = run.embed(args.split, progress=args.split), run.config
         results = evaluate(
             emb.embeddings, emb.labels, query_mask=emb.is_query, gallery_mask=emb.is_gallery,
             **_evaluate_kwargs(args, cfg.eval.metrics, cfg.eval.recall_ks),

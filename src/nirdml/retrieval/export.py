@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nirdml.errors import CheckpointError, ConfigError
+from nirdml.errors import CheckpointError, ConfigError, NirdmlError
 from nirdml.retrieval.fingerprint import model_fingerprint
 
 FORMATS = ("onnx", "torchscript")
@@ -35,31 +35,20 @@ class ExportResult:
     max_abs_diff: float | None
 
 
-def input_shape(cfg, image_kind: str | None, in_chans: int, image_size: int | None = None
-                ) -> tuple[int, int, int]:
-    """``(C, H, W)`` the model sees: ``image_size`` (or ``data.image_size``) if given, else what
-    the eval transform of ``image_kind`` produces, which for ``gray_small`` depends on the
-    dataset (8 x 8 digits, 28 x 28 Omniglot) and is read from its test split."""
-    size = image_size if image_size is not None else cfg.data.image_size
-    if size is not None:
-        return (in_chans, int(size), int(size))
-    if image_kind is None:
-        raise CheckpointError("the checkpoint does not record its image_kind; pass --image-size")
-    if image_kind == "gray_small":
-        from nirdml.retrieval.retriever import probe_preprocessing
-
-        prep = probe_preprocessing(cfg)
-        if prep is None or prep["input_size"] is None:
-            raise ConfigError(f"the input size of this {image_kind} model depends on dataset "
-                              f"{cfg.data.name!r}, which is not available; pass --image-size")
-        return (in_chans, *prep["input_size"])
-    from PIL import Image
-
-    from nirdml.data import build_transforms
-
-    transform = build_transforms(image_kind, train=False, image_size=None)
-    shape = tuple(int(s) for s in transform(Image.new("RGB", (300, 300))).shape)
-    return (in_chans, shape[1], shape[2])
+def input_shape(run, image_size: int | None = None) -> tuple[int, int, int]:
+    """``(C, H, W)`` the model of ``run`` (a :class:`~nirdml.run.TrainedRun`) sees: square
+    ``image_size`` if given, else the input size its preprocessing record holds (checkpoints
+    older than the record derive it from their dataset)."""
+    in_chans = int(run.state.get("in_chans") or getattr(run.model, "in_chans", None) or 3)
+    if image_size is not None:
+        return (in_chans, int(image_size), int(image_size))
+    try:
+        size = run.preprocessing.input_size
+    except (NirdmlError, OSError) as exc:
+        raise ConfigError(f"this checkpoint does not record its input size and its dataset "
+                          f"{run.config.data.name!r} is not available ({exc}); pass "
+                          f"--image-size") from None
+    return (in_chans, *size)
 
 
 def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str = "onnx",
@@ -70,14 +59,14 @@ def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str
     With ``check`` the exported model is run on a random batch and compared with PyTorch;
     a difference above ``tolerance`` raises CheckpointError.
     """
-    from nirdml.training.inference import load_trained_model
+    from nirdml.run import TrainedRun
 
     fmt = fmt.lower()
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
-    model, cfg, state = load_trained_model(checkpoint, device="cpu")
-    in_chans = int(state.get("in_chans") or getattr(model, "in_chans", None) or 3)
-    shape = input_shape(cfg, state.get("image_kind"), in_chans, image_size)
+    run = TrainedRun.open(checkpoint, device="cpu")
+    model, cfg, state = run.model, run.config, run.state
+    shape = input_shape(run, image_size)
     meta = {"fingerprint": model_fingerprint(model), "embedding_dim": model.embedding_dim,
             "input_shape": list(shape), "image_kind": state.get("image_kind"),
             "model": cfg.model.name, "dataset": cfg.data.name,

@@ -167,17 +167,11 @@ def retrieval_grid(checkpoint: Path, k: int = 5, num_queries: int = 6, device: s
     Raises a NirdmlError/OSError when the checkpoint or dataset is unavailable.
     """
     from nirdml.retrieval.faiss_index import IndexSpec, build_index, search_index
-    from nirdml.training import builders
-    from nirdml.training.inference import load_trained_model
+    from nirdml.run import TrainedRun
 
-    model, cfg, _ = load_trained_model(checkpoint, device)
-    if data_root is not None:
-        cfg.data.root = data_root
-    splits = builders.build_splits(cfg)
-    test, kind = splits.test, splits.image_kind
-    emb = builders.embed_dataset(model, test, next(model.parameters()).device,
-                                 batch_size=cfg.data.eval_batch_size,
-                                 num_workers=cfg.data.num_workers)
+    run = TrainedRun.open(checkpoint, device, data_root)
+    test, kind = run.split("test"), run.splits.image_kind
+    emb = run.embed(test)
     n = len(emb.labels)
     queries_mask = np.ones(n, bool) if emb.is_query is None else np.asarray(emb.is_query, bool)
     gallery_rows = (np.arange(n) if emb.is_gallery is None
