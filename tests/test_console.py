@@ -7,7 +7,7 @@ import re
 
 from nirdml.evaluation.core import progress_bar
 from nirdml.evaluation.report import format_metrics_table
-from nirdml.training.trainer import _epoch_line
+from nirdml.training.sinks import epoch_line as _epoch_line
 
 
 def test_training_bar_keeps_its_width_next_to_the_loss(monkeypatch):

@@ -79,6 +79,54 @@ def measure_preprocessing(cfg: Config, splits, in_chans: int):
                                  splits.invert_files, seed=cfg.seed)
 
 
+def build_feature_splits(cfg: Config, model: nn.Module, splits, device: torch.device,
+                         dist=None):
+    """Every split as cached features of the frozen backbone of ``model``
+    (``model.frozen_backbone``; ``nirdml.data.features``). Under torchrun rank 0 computes
+    and caches them first, then the others read the cache."""
+    from nirdml.data import build_transforms
+    from nirdml.data.features import feature_splits
+
+    encoder = torch.nn.Sequential(model.backbone, model.pool)
+    transform = build_transforms(splits.image_kind, train=False, image_size=cfg.data.image_size)
+    model_cfg = dataclasses.asdict(cfg.model)
+    for key in ("embedding_dim", "head_hidden", "frozen_backbone", "freeze_bn"):
+        model_cfg.pop(key)  # the head does not change the features
+    description = {"data": {k: getattr(cfg.data, k) for k in
+                            ("name", "root", "options", "image_size", "val_fraction")},
+                   "seed": cfg.seed, "model": model_cfg}
+    is_main = dist is None or dist.is_main
+
+    def build():
+        return feature_splits(encoder, splits, transform, device, cfg.data.feature_cache,
+                              description, cfg.data.eval_batch_size, cfg.data.num_workers,
+                              progress=cfg.train.progress and is_main)
+
+    if dist is None:
+        return build()
+    if is_main:
+        out = build()
+        dist.barrier()
+        return out
+    dist.barrier()  # rank 0 has written the cache
+    return build()
+
+
+def build_probe(cfg: Config, splits):
+    """The fixed training-class subset the NIR mechanism metrics are computed on
+    (``nirdml.nir.monitor``), or None with ``train.probe_classes=0``."""
+    if cfg.train.probe_classes == 0:
+        return None
+    from nirdml.data import build_transforms
+    from nirdml.nir.monitor import MechanismProbe
+
+    transform = None if splits.image_kind == "features" else build_transforms(
+        splits.image_kind, train=False, image_size=cfg.data.image_size)
+    return MechanismProbe(splits.train, transform, cfg.train.probe_classes,
+                          cfg.train.probe_per_class, seed=cfg.seed,
+                          batch_size=cfg.data.eval_batch_size)
+
+
 def build_model(cfg: Config, in_chans: int | None = None) -> nn.Module:
     """The embedding network named by ``cfg.model``."""
     from nirdml.models import build_model as _build

@@ -1,0 +1,73 @@
+"""What a checkpoint of a training run holds, and putting it back (exact resume).
+
+:func:`trainer_state` collects the trainer's state (model, criterion, optimiser, scheduler,
+scaler, position in the epoch, selection state, RNG state, preprocessing record, the flow's
+initial parameters); :func:`restore_trainer` puts a checkpoint's state back. The sampler's
+global batch order depends only on seed and epoch, so a checkpoint written by N ranks resumes
+on M ranks at the same global batch.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def rng_state() -> dict[str, Any]:
+    """The Python, NumPy, torch (and CUDA) generator states."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+#: trainer attributes saved as they are and restored on resume
+_COUNTERS = ("epoch", "batch_in_epoch", "global_step", "best_score", "best_epoch",
+             "bad_steps_total")
+
+
+def trainer_state(trainer) -> dict[str, Any]:
+    """Everything a checkpoint of ``trainer`` holds."""
+    return {
+        "config": trainer.cfg.to_dict(),
+        "model": trainer.model.state_dict(),
+        "criterion": trainer.criterion.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "scheduler": None if trainer.scheduler is None else trainer.scheduler.state_dict(),
+        "scaler": trainer.scaler.state_dict(),
+        **{name: getattr(trainer, name) for name in _COUNTERS},
+        "num_classes": trainer.splits.train.num_classes,
+        "in_chans": trainer.in_chans,
+        "image_kind": trainer.preprocessing.image_kind,
+        "preprocessing": trainer.preprocessing.to_dict(),
+        "world_size": trainer.dist.world_size,
+        "rng": rng_state(),
+        "flow_init": trainer.flow_init,
+    }
+
+
+def restore_trainer(trainer, state: dict[str, Any]) -> None:
+    """Put a checkpoint's state back into ``trainer`` (weights, optimiser, counters, RNG)."""
+    trainer.model.load_state_dict(state["model"])
+    trainer.criterion.load_state_dict(state["criterion"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    if trainer.scheduler is not None and state["scheduler"] is not None:
+        trainer.scheduler.load_state_dict(state["scheduler"])
+    trainer.scaler.load_state_dict(state["scaler"])
+    for name in _COUNTERS:
+        setattr(trainer, name, state[name])
+    if state.get("flow_init") is not None:
+        trainer.flow_init = state["flow_init"]
+    set_rng_state(state["rng"])
