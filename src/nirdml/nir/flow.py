@@ -47,13 +47,9 @@ from torch import Tensor, nn
 
 from nirdml.errors import ConfigError, InputError
 from nirdml.nir._fused import ATAN_SCALE, DedupLinear, FusedFlow, Plan, WorkspacePool, distinct_rows
+from nirdml.nir.names import COND_MODES
 
-#: Conditioning modes: ``dense`` feeds the raw condition to every block, ``dense_embed`` feeds
-#: the output of one shared condition MLP to every block, ``dense_embed_multi`` gives every block
-#: its own condition MLP, ``start`` / ``mid`` / ``end`` condition only the first / middle
-#: (index ``num_blocks // 2``) / last block and leave the others unconditional.
-COND_MODES = ("dense", "dense_embed", "dense_embed_multi", "start", "mid", "end")
-
+__all__ = ["COND_MODES", "ConditionalGlowFlow", "block_permutation"]
 
 
 def _autocast_off(device: torch.device):
