@@ -40,6 +40,7 @@ class Plan:
     width: int
     clamp: float
     # per subnet (computation order): slot in the condition part, or -1 if unconditional
+    # (``Conditioning.cond_slot``; the kernels never look at the conditioning mode)
     cond_slot: tuple[int, ...]
 
 

@@ -15,6 +15,10 @@ the same maths as FrEIA's ``PermuteRandom(seed=k)`` + ``GLOWCouplingBlock(clamp_
 "ATAN")`` (FrEIA's ``subnet2`` is our first coupling ``a``, its ``subnet1`` our ``b``);
 ``load_freia_weights`` copies a FrEIA model in and tests use FrEIA as the numerical oracle.
 
+Conditioning (``cond_mode``): which blocks see the condition and through which features is a
+``nirdml.nir.conditioning.Conditioning`` (one class per mode, registered by name); the flow only
+consumes its ``cond_blocks`` and the condition part of the conditioned subnets' first layers.
+
 Speed (the flow runs once per training step next to a proxy loss; see
 ``benchmarks/bench_objective.py``):
 
@@ -46,14 +50,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nirdml.errors import ConfigError, InputError
-from nirdml.nir._fused import ATAN_SCALE, DedupLinear, FusedFlow, Plan, WorkspacePool, distinct_rows
+from nirdml.nir._fused import ATAN_SCALE, FusedFlow, Plan, WorkspacePool
+from nirdml.nir.conditioning import Conditioning, conditioning_class
+from nirdml.nir.names import COND_MODES
 
-#: Conditioning modes: ``dense`` feeds the raw condition to every block, ``dense_embed`` feeds
-#: the output of one shared condition MLP to every block, ``dense_embed_multi`` gives every block
-#: its own condition MLP, ``start`` / ``mid`` / ``end`` condition only the first / middle
-#: (index ``num_blocks // 2``) / last block and leave the others unconditional.
-COND_MODES = ("dense", "dense_embed", "dense_embed_multi", "start", "mid", "end")
-
+__all__ = ["COND_MODES", "ConditionalGlowFlow", "block_permutation"]
 
 
 def _autocast_off(device: torch.device):
@@ -78,6 +79,25 @@ def block_permutation(dim: int, seed: int) -> np.ndarray:
     return np.random.RandomState(seed).permutation(dim)
 
 
+def _check_sizes(dim, cond_dim, num_blocks, subnet_depth, subnet_width, clamp) -> int:
+    """Validate the flow's size arguments; returns ``cond_dim`` (``dim`` when None)."""
+    if int(dim) < 2:
+        raise ConfigError(f"the flow needs dim >= 2 (it splits x in two halves), got {dim}")
+    cond_dim = int(dim) if cond_dim is None else int(cond_dim)
+    checks = {
+        "cond_dim": (cond_dim, 1),
+        "num_blocks": (num_blocks, 1),
+        "subnet_depth": (subnet_depth, 2),
+        "subnet_width": (subnet_width, 1),
+    }
+    for name, (value, low) in checks.items():
+        if int(value) < low:
+            raise ConfigError(f"{name} must be >= {low}, got {value}")
+    if not (math.isfinite(clamp) and clamp > 0):
+        raise ConfigError(f"clamp must be a finite number > 0, got {clamp}")
+    return cond_dim
+
+
 class ConditionalGlowFlow(nn.Module):
     """Conditional GLOW-coupling normalizing flow ``x -> z`` (the paper's ``tau^-1``).
 
@@ -88,7 +108,8 @@ class ConditionalGlowFlow(nn.Module):
         subnet_depth: Linear layers per subnet (8, >= 2).
         subnet_width: hidden width of the subnets (128).
         clamp: soft-clamp constant C of ``C * 0.636 * atan(s)`` (2.0).
-        cond_mode: one of ``COND_MODES`` (``"dense"``).
+        cond_mode: the name of a registered conditioning (``nirdml.nir.conditioning``; the
+            built-in ones are ``COND_MODES``; ``"dense"``).
         cond_embed_dim: output size of the condition MLPs of the ``dense_embed*`` modes
             (defaults to ``cond_dim``); the MLPs are ``Linear(cond_dim, subnet_width) -> ReLU ->
             Linear(subnet_width, cond_embed_dim)``.
@@ -98,7 +119,8 @@ class ConditionalGlowFlow(nn.Module):
     first coupling, which transforms ``x1`` from ``[x2, c]``): ``in_bias (S, W)``,
     ``cond_weight (S_c, W, cond_in)`` for the S_c conditioned subnets, and per subnet
     ``w_in.{s} (W, n_in)``, ``w_hidden.{s} (depth-2, W, W)``, ``b_hidden.{s} (depth-2, W)``,
-    ``w_out.{s} (2 n_out, W)``, ``b_out.{s}``. The permutations are the buffer
+    ``w_out.{s} (2 n_out, W)``, ``b_out.{s}``; the conditioning module is ``cond_nets`` (its
+    condition MLPs, if any: ``cond_nets.{i}.*``). The permutations are the buffer
     ``perms (num_blocks, dim)`` (saved in the state dict).
     """
 
@@ -116,24 +138,8 @@ class ConditionalGlowFlow(nn.Module):
         fused: bool = True,
     ):
         super().__init__()
-        if cond_mode not in COND_MODES:
-            raise ConfigError(
-                f"unknown cond_mode {cond_mode!r}; choose one of: {', '.join(COND_MODES)}"
-            )
-        if int(dim) < 2:
-            raise ConfigError(f"the flow needs dim >= 2 (it splits x in two halves), got {dim}")
-        cond_dim = int(dim) if cond_dim is None else int(cond_dim)
-        checks = {
-            "cond_dim": (cond_dim, 1),
-            "num_blocks": (num_blocks, 1),
-            "subnet_depth": (subnet_depth, 2),
-            "subnet_width": (subnet_width, 1),
-        }
-        for name, (value, low) in checks.items():
-            if int(value) < low:
-                raise ConfigError(f"{name} must be >= {low}, got {value}")
-        if not (math.isfinite(clamp) and clamp > 0):
-            raise ConfigError(f"clamp must be a finite number > 0, got {clamp}")
+        conditioning_cls = conditioning_class(cond_mode)
+        cond_dim = _check_sizes(dim, cond_dim, num_blocks, subnet_depth, subnet_width, clamp)
         self.dim = int(dim)
         self.cond_dim = cond_dim
         self.num_blocks = int(num_blocks)
@@ -145,43 +151,36 @@ class ConditionalGlowFlow(nn.Module):
         l1 = round(self.dim / 2)  # Python round: half to even, as FrEIA's round(0.5 * D)
         self.split = (l1, self.dim - l1)
 
-        nb, width = self.num_blocks, self.subnet_width
-        n_sub = 2 * nb
-        if cond_mode in ("dense", "dense_embed", "dense_embed_multi"):
-            cond_blocks = list(range(nb))
-        else:
-            cond_blocks = [{"start": 0, "mid": nb // 2, "end": nb - 1}[cond_mode]]
-        self.cond_blocks = tuple(cond_blocks)
-        cond_subnets = [s for s in range(n_sub) if s // 2 in cond_blocks]
-        self._cond_subnets = cond_subnets
-        self._cond_slot = tuple(
-            cond_subnets.index(s) if s in cond_subnets else -1 for s in range(n_sub)
-        )
+        # the conditioning first: its condition networks draw their initial weights before the
+        # subnets (reset_parameters). Registered as ``cond_nets``: the keys of earlier versions.
+        self.cond_nets = conditioning_cls(self.num_blocks, cond_dim, self.subnet_width,
+                                          cond_embed_dim)
+        self.cond_blocks = self.cond_nets.cond_blocks
+        self.cond_embed_dim = self.cond_nets.feature_dim
+        self._cond_slot = self.cond_nets.cond_slot
         self._pool = WorkspacePool()
         self._plan = Plan(self.num_blocks, self.split, self.subnet_depth, self.subnet_width,
                           self.clamp, self._cond_slot)
-        if cond_mode.startswith("dense_embed"):
-            self.cond_embed_dim = cond_dim if cond_embed_dim is None else int(cond_embed_dim)
-            n_embed = 1 if cond_mode == "dense_embed" else nb
-            self.cond_nets = nn.ModuleList(
-                nn.Sequential(
-                    nn.Linear(cond_dim, width), nn.ReLU(), nn.Linear(width, self.cond_embed_dim)
-                )
-                for _ in range(n_embed)
-            )
-        else:
-            self.cond_embed_dim = cond_dim
-            self.cond_nets = None
-        cond_in = self.cond_embed_dim
 
-        perms = np.stack([block_permutation(self.dim, k) for k in range(nb)])
+        perms = np.stack([block_permutation(self.dim, k) for k in range(self.num_blocks)])
         self.register_buffer("perms", torch.as_tensor(perms, dtype=torch.long))
         self.register_buffer("inv_perms", torch.argsort(self.perms, dim=1), persistent=False)
         self.register_load_state_dict_post_hook(ConditionalGlowFlow._refresh_inverse)
+        self._create_subnet_parameters()
+        self.reset_parameters()
 
-        nh = self.subnet_depth - 2
+    @property
+    def conditioning(self) -> Conditioning:
+        """The conditioning module (``nirdml.nir.conditioning``; registered as ``cond_nets``)."""
+        return self.cond_nets
+
+    def _create_subnet_parameters(self) -> None:
+        """Empty parameters of the S = 2 * num_blocks subnets (filled by reset_parameters)."""
+        width, nh, n_sub = self.subnet_width, self.subnet_depth - 2, 2 * self.num_blocks
         self.in_bias = nn.Parameter(torch.empty(n_sub, width))
-        self.cond_weight = nn.Parameter(torch.empty(len(cond_subnets), width, cond_in))
+        self.cond_weight = nn.Parameter(
+            torch.empty(len(self.cond_nets.cond_subnets), width, self.cond_embed_dim)
+        )
         self.w_in = nn.ParameterList()
         self.w_hidden = nn.ParameterList()
         self.b_hidden = nn.ParameterList()
@@ -194,7 +193,6 @@ class ConditionalGlowFlow(nn.Module):
             self.b_hidden.append(nn.Parameter(torch.empty(nh, width)))
             self.w_out.append(nn.Parameter(torch.empty(2 * n_out, width)))
             self.b_out.append(nn.Parameter(torch.empty(2 * n_out)))
-        self.reset_parameters()
 
     # ------------------------------------------------------------------ setup
     def reset_parameters(self) -> None:
@@ -268,25 +266,8 @@ class ConditionalGlowFlow(nn.Module):
 
     def _cond_part(self, cond: Tensor, dedupe: bool = False) -> Tensor:
         """(B, S_c * W): condition contribution + bias of the first layer of each conditioned
-        subnet, all subnets in one matmul (on the distinct condition rows when ``dedupe``)."""
-        width = self.subnet_width
-        n_cs = self.cond_weight.shape[0]
-        if self.cond_mode == "dense_embed_multi":
-            parts = []
-            for k, net in enumerate(self.cond_nets):
-                w = self.cond_weight[2 * k:2 * k + 2].reshape(2 * width, -1)
-                parts.append(F.linear(net(cond), w, self.in_bias[2 * k:2 * k + 2].reshape(-1)))
-            return torch.cat(parts, dim=1)
-        feat = self.cond_nets[0](cond) if self.cond_mode == "dense_embed" else cond
-        if n_cs == self.in_bias.shape[0]:
-            bias = self.in_bias.view(-1)
-        else:
-            bias = self.in_bias[self._cond_subnets].reshape(-1)
-        weight = self.cond_weight.view(n_cs * width, -1)
-        groups = distinct_rows(feat) if dedupe and feat.shape[0] > 1 else None
-        if groups is None:
-            return F.linear(feat, weight, bias)
-        return DedupLinear.apply(feat, weight, bias, *groups)
+        subnet (``Conditioning.first_layer``; on the distinct condition rows when ``dedupe``)."""
+        return self.cond_nets.first_layer(cond, self.cond_weight, self.in_bias, dedupe)
 
     # ------------------------------------------------------------------ plain implementation
     def _subnet(self, s: int, inp: Tensor, cpart: Tensor, hidden) -> Tensor:
@@ -395,7 +376,7 @@ class ConditionalGlowFlow(nn.Module):
         """Copy the weights of an equivalent FrEIA ``SequenceINN`` (``PermuteRandom(seed=k)`` +
         ``GLOWCouplingBlock`` per block, subnets = ``nn.Sequential`` of Linear/ReLU) into this
         flow. Only for the raw-condition modes (``dense``, ``start``, ``mid``, ``end``)."""
-        if self.cond_nets is not None:
+        if not self.cond_nets.freia_equivalent:
             raise ConfigError(f"cond_mode {self.cond_mode!r} has no FrEIA equivalent")
         mods = list(inn.children())
         mods = list(mods[0]) if len(mods) == 1 and isinstance(mods[0], nn.ModuleList) else mods

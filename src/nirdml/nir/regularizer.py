@@ -48,13 +48,7 @@ from torch import Tensor, nn
 from nirdml.errors import ConfigError
 from nirdml.nir.flow import ConditionalGlowFlow
 from nirdml.nir.graphs import GraphedNLL
-
-#: How the NIR term and the proxy loss are combined (see the module docstring).
-NIR_MODES = ("release", "paper", "selfnorm", "disc")
-#: The base distribution's scale ``sigma`` (see the module docstring).
-BASE_SCALES = ("standard", "sphere", "learned")
-#: Input noise distributions.
-NOISE_KINDS = ("gaussian", "uniform")
+from nirdml.nir.names import BASE_SCALES, NIR_MODES, NOISE_KINDS
 
 #: Default ``nll_cap`` of the release mode: exp(50) ~ 5e21 keeps a float32 batch mean finite.
 DEFAULT_NLL_CAP = 50.0

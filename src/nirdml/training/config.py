@@ -19,6 +19,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from nirdml.errors import ConfigError
+from nirdml.nir.names import BASE_SCALES, COND_MODES, NIR_MODES, NOISE_KINDS
 
 
 @dataclass
@@ -77,11 +78,11 @@ class NIRConfig:
 
     enabled: bool = True
     weight: float = 0.0075
-    mode: Literal["release", "paper", "selfnorm", "disc"] = "release"
+    mode: Literal[NIR_MODES] = "release"
     per_dim: bool = False
     noise: float = 0.0
-    noise_kind: Literal["gaussian", "uniform"] = "gaussian"
-    base_scale: Literal["standard", "sphere", "learned"] = "standard"
+    noise_kind: Literal[NOISE_KINDS] = "gaussian"
+    base_scale: Literal[BASE_SCALES] = "standard"
     warmup_epochs: int = 0
     negatives: int = 1
     nll_weight: float = 0.0
@@ -91,7 +92,7 @@ class NIRConfig:
     subnet_depth: int = 8
     subnet_width: int = 128
     clamp: float = 2.0
-    cond_mode: Literal["dense", "dense_embed", "dense_embed_multi", "start", "mid", "end"] = "dense"
+    cond_mode: Literal[COND_MODES] = "dense"
 
 
 @dataclass
