@@ -3,7 +3,7 @@
 It parses the requested metric names against the registries (``metrics.RANKING_METRICS``,
 ``clustering.CLUSTERING_METRICS``), searches each query's neighbours block by block (``knn``),
 accumulates the ranking metrics, clusters the samples for the clustering ones and returns one
-dict.
+dict; ``headline`` picks the metrics a person reads after training.
 """
 
 from __future__ import annotations
@@ -34,6 +34,32 @@ def metric_names() -> tuple[str, ...]:
 
 
 METRIC_NAMES = metric_names()
+
+
+def _headline_keys(brief: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(key prefixes of the headline families, exact names of the other headline metrics)."""
+    entries = [*RANKING_METRICS.values(), *CLUSTERING_METRICS.values()]
+    shown = [m for m in entries if (m.epoch if brief else m.headline)]
+    families = tuple(f"{m.name}@1" if brief else f"{m.name}@" for m in shown if m.per_k)
+    return families, tuple(m.name for m in shown if not m.per_k)
+
+
+def is_headline(key: str, brief: bool = False) -> bool:
+    """Whether the result ``key`` is a headline metric: one a person reads after training
+    (``HEADLINE_METRICS``), or with ``brief`` one of the shorter list on each epoch's console
+    line, where a family shows K = 1 (matched as a key prefix, as that line always did: also
+    K = 10, 100, 1000 when those are evaluated)."""
+    families, names = _headline_keys(brief)
+    return key in names or key.startswith(families)
+
+
+def headline(results: dict, brief: bool = False) -> dict:
+    """The headline metrics of an ``evaluate`` result (other keys dropped), in its order."""
+    return {k: v for k, v in results.items() if is_headline(k, brief)}
+
+
+#: the metrics a person reads after training (``recall@K`` stands for every K)
+HEADLINE_METRICS = tuple(m for m in METRIC_NAMES if is_headline(m))
 
 
 class LoneQueryWarning(UserWarning):

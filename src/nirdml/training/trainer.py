@@ -619,9 +619,10 @@ def _epoch_line(record: dict[str, Any], epochs: int) -> str:
     losses = "  ".join(f"{k[6:]} {v:.4g}" for k, v in record.items()
                        if k.startswith("train/") and k != "train/bad_steps"
                        and isinstance(v, float) and not k.endswith("_max"))
+    from nirdml.evaluation import is_headline
     metrics = "  ".join(f"{k} {100 * v:.2f}%" for k, v in record.items()
                         if k.startswith(("val/", "test/")) and isinstance(v, float)
-                        and k.split("/")[1].startswith(("recall@1", "map@r", "nmi")))
+                        and is_headline(k.split("/")[1], brief=True))
     speed = f"{record['time/epoch_s']:.1f} s, {record['time/images_per_s']:.0f} img/s"
     return f"epoch {record['epoch']}/{epochs} ({speed})  {losses}" + (
         f"  |  {metrics}" if metrics else "")
