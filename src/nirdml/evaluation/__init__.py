@@ -1,8 +1,9 @@
 """Evaluation of embeddings: Recall@k, MAP@R, R-Precision, mAP@1000, NMI/AMI and pair F1.
 
 ``evaluate(embeddings, labels, ...)`` is the entry point (``core``); neighbour search backends
-and the tie-breaking rule live in ``knn``, metric definitions in ``metrics`` and ``clustering``,
-``.npz`` loading and table/JSON output in ``report``.
+and the tie-breaking rule live in ``knn``, the metrics (one registry entry each, with their
+definitions) in ``metrics`` (ranking) and ``clustering``, ``.npz`` loading and table/JSON
+output in ``report``. ``headline`` / ``HEADLINE_METRICS``: the metrics shown after training.
 """
 
 from __future__ import annotations

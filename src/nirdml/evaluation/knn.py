@@ -1,4 +1,5 @@
-"""Exact cosine nearest-neighbour search in memory-bounded query blocks (faiss or torch).
+"""Exact cosine nearest-neighbour search in memory-bounded query blocks (faiss or torch):
+``knn_blocks`` yields each query block's table of gallery neighbours for the ranking metrics.
 
 Every backend returns, for each query, gallery positions ordered by the same rule, so the two
 backends give identical neighbour tables:
