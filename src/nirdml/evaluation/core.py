@@ -387,10 +387,8 @@ def evaluate(
 
     results: dict = {}
     if spec.ranking:
-        results.update(
-            _ranking(spec, x, y, q_index, g_index, self_pos, r, c, backend, block_size, device,
-                     max_bytes, progress)
-        )
+        results.update(_ranking(spec, x, y, q_index, g_index, self_pos, r, c, backend,
+                                block_size, device, max_bytes, progress))
     if spec.clustering:
         results.update(_clustering(spec, x, y, q_mask | g_mask, backend, kmeans_seed,
                                    kmeans_iters, cluster_fn, device, progress))
