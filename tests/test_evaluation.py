@@ -235,6 +235,62 @@ def test_torch_tensors_and_key_order():
     assert ours == evaluate(x, y, metrics=ALL_METRICS)  # numpy input, same seeded k-means
 
 
+# ----------------------------------------------------------------------------- registry
+@pytest.fixture
+def toy_metrics():
+    """Two new ranking metrics, one registry entry each (removed again after the test)."""
+    from nirdml.evaluation import metrics
+
+    saved = dict(metrics.RANKING_METRICS)
+
+    @metrics.ranking_metric("hits", width="k")
+    def hits(block, k):  # relevant among the first k / min(k, R)
+        return float(np.sum(block.rel[:, :k].sum(axis=1) / np.minimum(k, block.r)))
+
+    @metrics.ranking_metric("mrr", width=1000)
+    def mrr(block):  # 1 / rank of the first relevant neighbour within 1000, 0 when none
+        rel = block.rel[:, :1000]
+        return float(np.sum(np.where(rel.any(axis=1), 1.0 / (rel.argmax(axis=1) + 1), 0.0)))
+
+    yield
+    metrics.RANKING_METRICS.clear()
+    metrics.RANKING_METRICS.update(saved)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_new_ranking_metric_is_one_registry_entry(backend, toy_metrics):
+    x, y = make_data(0)
+    q, g = masks(len(y), 3, overlap=True)
+    ours = evaluate(x, y, metrics=["mrr", "hits", "hits@3", "recall@1", "nmi"], query_mask=q,
+                    gallery_mask=g, recall_ks=(1, 5), backend=backend, block_size=17)
+    assert list(ours) == ["recall@1", "hits@1", "hits@3", "hits@5", "mrr", "nmi",
+                          "lone_queries", "num_queries"]
+    sums, used = {"hits@1": 0.0, "hits@3": 0.0, "hits@5": 0.0, "mrr": 0.0}, 0
+    for _, _, rel, _ in ref_ranking(x, y, q, g):
+        r = int(rel.sum())
+        if r == 0:
+            continue
+        used += 1
+        for k in (1, 3, 5):
+            sums[f"hits@{k}"] += rel[:k].sum() / min(k, r)
+        first = np.flatnonzero(rel[:1000])
+        sums["mrr"] += 1.0 / (first[0] + 1) if first.size else 0.0
+    assert used == ours["num_queries"]
+    assert_close(ours, {k: v / used for k, v in sums.items()})
+    with pytest.raises(ConfigError, match="map@1000, hits, hits@K, mrr, nmi, ami, f1"):
+        evaluate(x, y, metrics=["hit"])
+
+
+def test_headline_metrics():
+    from nirdml.evaluation import HEADLINE_METRICS, headline
+
+    assert HEADLINE_METRICS == ("recall@K", "map@r", "r_precision", "map@1000", "nmi")
+    res = evaluate(*make_data(5), metrics=ALL_METRICS, recall_ks=(1, 10))
+    assert list(headline(dict(res, dataset="x", selected_epoch=3))) == [
+        "recall@1", "recall@3", "recall@10", "map@r", "r_precision", "map@1000", "nmi"]
+    assert list(headline(res, brief=True)) == ["recall@1", "recall@10", "map@r", "nmi"]
+
+
 # ----------------------------------------------------------------------------- vs PML
 def _pml_calc():
     return need("pytorch_metric_learning.utils.accuracy_calculator")

@@ -53,7 +53,7 @@ def _synthetic_omniglot(root: Path) -> None:
 def test_every_block_is_run_or_says_why_not():
     blocks = readme_blocks()
     assert len(blocks) >= 5
-    for lang, code, skip in blocks:
+    for _lang, code, skip in blocks:
         if skip is not None:
             assert len(skip) > 10, f"a skipped README block must say why: {code[:80]!r}"
     run = [b for b in blocks if b[2] is None]

@@ -81,8 +81,8 @@ def run(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg, args.out, resume=args.resume, resume_state=state)
     final = trainer.fit()
     if trainer.dist.is_main:
-        shown = {k: v for k, v in final.items()
-                 if k.startswith(("recall@", "map@", "r_precision", "nmi"))}
+        from nirdml.evaluation import headline
+        shown = headline(final)
         print(f"test ({final['dataset']}, selected epoch {final['selected_epoch']} on "
               f"{final['selected_on']}):")
         for k, v in shown.items():

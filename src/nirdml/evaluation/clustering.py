@@ -1,4 +1,8 @@
-"""Clustering metrics: seeded k-means (faiss or torch) and NMI, AMI, pair-counting F1.
+"""Clustering metrics: seeded k-means (faiss or torch) and the registry of NMI, AMI, pair F1.
+
+Each metric is one ``@clustering_metric`` entry below: its name and a function of (class labels,
+cluster ids) -> float; ``evaluate`` computes the requested ones, in entry order, from one
+k-means clustering. A new clustering metric is a new entry here.
 
 NMI uses the arithmetic-mean normalisation (scikit-learn's default and PyTorch Metric Learning's),
 with the same limit cases: 1.0 when both partitions have a single cluster, 0.0 when the mutual
@@ -9,9 +13,38 @@ by enumerating pairs, and is 1.0 when neither partition puts any two samples tog
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 
-CLUSTERING_METRICS = ("nmi", "ami", "f1")
+
+@dataclass(frozen=True)
+class ClusteringMetric:
+    """A registered clustering metric (see ``clustering_metric``)."""
+
+    name: str
+    score: Callable[[np.ndarray, np.ndarray], float]
+    headline: bool = False
+    epoch: bool = False
+    per_k = False  # not a family name@K (a plain class attribute, as for ranking metrics)
+
+
+#: name -> entry, in the order of the returned keys
+CLUSTERING_METRICS: dict[str, ClusteringMetric] = {}
+
+
+def clustering_metric(name: str, *, headline: bool = False, epoch: bool = False):
+    """Register the decorated ``score(labels_true, labels_pred) -> float`` as metric ``name``.
+
+    ``headline``: shown in the summary after training; ``epoch``: also on each epoch's line.
+    """
+
+    def register(score: Callable[[np.ndarray, np.ndarray], float]):
+        CLUSTERING_METRICS[name] = ClusteringMetric(name, score, headline, epoch)
+        return score
+
+    return register
 
 
 def kmeans_faiss(x: np.ndarray, k: int, seed: int = 0, niter: int = 20) -> np.ndarray:
@@ -91,6 +124,7 @@ def _entropy(counts: np.ndarray, n: int) -> float:
     return float(-(f * np.log(f)).sum())
 
 
+@clustering_metric("nmi", headline=True, epoch=True)
 def nmi(labels_true, labels_pred) -> float:
     """Normalised mutual information (arithmetic mean of the two entropies)."""
     a, b, rows, cols, cells = contingency(labels_true, labels_pred)
@@ -108,6 +142,7 @@ def nmi(labels_true, labels_pred) -> float:
     return float(mi / max(norm, np.finfo(np.float64).eps))
 
 
+@clustering_metric("ami")
 def ami(labels_true, labels_pred) -> float:
     """Adjusted mutual information (scikit-learn's, arithmetic normalisation)."""
     from sklearn.metrics import adjusted_mutual_info_score
@@ -115,6 +150,7 @@ def ami(labels_true, labels_pred) -> float:
     return float(adjusted_mutual_info_score(np.asarray(labels_true), np.asarray(labels_pred)))
 
 
+@clustering_metric("f1")
 def pair_f1(labels_true, labels_pred) -> float:
     """Pair-counting F1 = 2 TP / (pairs in same cluster + pairs in same class)."""
     a, b, _, _, cells = contingency(labels_true, labels_pred)
@@ -130,9 +166,6 @@ def pair_f1(labels_true, labels_pred) -> float:
 
 
 def clustering_scores(labels: np.ndarray, assignments: np.ndarray, which) -> dict[str, float]:
-    """The requested subset of ``nmi``, ``ami``, ``f1`` for a clustering of labelled samples."""
-    out: dict[str, float] = {}
-    for name in CLUSTERING_METRICS:
-        if name in which:
-            out[name] = {"nmi": nmi, "ami": ami, "f1": pair_f1}[name](labels, assignments)
-    return out
+    """The requested (``which``) ``CLUSTERING_METRICS`` of a clustering of labelled samples."""
+    return {name: metric.score(labels, assignments)
+            for name, metric in CLUSTERING_METRICS.items() if name in which}

@@ -1,4 +1,10 @@
-"""``evaluate``: retrieval and clustering metrics of an embedding set on cosine similarity."""
+"""``evaluate``: retrieval and clustering metrics of an embedding set on cosine similarity.
+
+It parses the requested metric names against the registries (``metrics.RANKING_METRICS``,
+``clustering.CLUSTERING_METRICS``), searches each query's neighbours block by block (``knn``),
+accumulates the ranking metrics, clusters the samples for the clustering ones and returns one
+dict; ``headline`` picks the metrics a person reads after training.
+"""
 
 from __future__ import annotations
 
@@ -11,16 +17,49 @@ import numpy as np
 from nirdml.errors import ConfigError, InputError
 from nirdml.evaluation.clustering import CLUSTERING_METRICS, clustering_scores
 from nirdml.evaluation.knn import knn_blocks, resolve_backend
-from nirdml.evaluation.metrics import MAP_AT, RankingAccumulator
+from nirdml.evaluation.metrics import RANKING_METRICS, RankingAccumulator
 
 DEFAULT_RECALL_KS = (1, 2, 4, 8)
 SOP_RECALL_KS = (1, 10, 100, 1000)
 DEFAULT_METRICS = ("recall", "map@r", "r_precision", "map@1000", "nmi", "f1")
-METRIC_NAMES = (
-    "recall", "recall@K", "precision", "precision@K", "map@r", "r_precision", "map@1000",
-    "nmi", "ami", "f1",
-)
-_FIXED_ORDER = ("map@r", "r_precision", "map@1000", *CLUSTERING_METRICS)
+
+
+def metric_names() -> tuple[str, ...]:
+    """Every metric name ``evaluate`` accepts: ``name`` and ``name@K`` for each family, then the
+    other ranking metrics and the clustering ones, in registry order."""
+    names: list[str] = []
+    for m in RANKING_METRICS.values():
+        names += [m.name, f"{m.name}@K"] if m.per_k else [m.name]
+    return (*names, *CLUSTERING_METRICS)
+
+
+METRIC_NAMES = metric_names()
+
+
+def _headline_keys(brief: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(key prefixes of the headline families, exact names of the other headline metrics)."""
+    entries = [*RANKING_METRICS.values(), *CLUSTERING_METRICS.values()]
+    shown = [m for m in entries if (m.epoch if brief else m.headline)]
+    families = tuple(f"{m.name}@1" if brief else f"{m.name}@" for m in shown if m.per_k)
+    return families, tuple(m.name for m in shown if not m.per_k)
+
+
+def is_headline(key: str, brief: bool = False) -> bool:
+    """Whether the result ``key`` is a headline metric: one a person reads after training
+    (``HEADLINE_METRICS``), or with ``brief`` one of the shorter list on each epoch's console
+    line, where a family shows K = 1 (matched as a key prefix, as that line always did: also
+    K = 10, 100, 1000 when those are evaluated)."""
+    families, names = _headline_keys(brief)
+    return key in names or key.startswith(families)
+
+
+def headline(results: dict, brief: bool = False) -> dict:
+    """The headline metrics of an ``evaluate`` result (other keys dropped), in its order."""
+    return {k: v for k, v in results.items() if is_headline(k, brief)}
+
+
+#: the metrics a person reads after training (``recall@K`` stands for every K)
+HEADLINE_METRICS = tuple(m for m in METRIC_NAMES if is_headline(m))
 
 
 class LoneQueryWarning(UserWarning):
@@ -31,21 +70,15 @@ class LoneQueryWarning(UserWarning):
 class MetricSpec:
     """Which metrics to compute (parsed from the ``metrics`` argument)."""
 
-    recall_ks: list[int] = field(default_factory=list)
-    precision_ks: list[int] = field(default_factory=list)
-    fixed: list[str] = field(default_factory=list)
+    #: ``(name, k)`` of each ranking metric (``k`` None unless a family), in output order
+    ranking: list[tuple[str, int | None]] = field(default_factory=list)
+    #: the clustering metrics, in output order
+    clustering: list[str] = field(default_factory=list)
 
-    @property
-    def ranking(self) -> bool:
-        """Whether a neighbour search is needed."""
-        return bool(self.recall_ks or self.precision_ks) or any(
-            m in self.fixed for m in ("map@r", "r_precision", "map@1000")
-        )
-
-    @property
-    def clustering(self) -> list[str]:
-        """The requested clustering metrics."""
-        return [m for m in CLUSTERING_METRICS if m in self.fixed]
+    def keys(self) -> list[str]:
+        """The metric keys ``evaluate`` returns, in order."""
+        ranking = [RANKING_METRICS[name].key(k) for name, k in self.ranking]
+        return ranking + self.clustering
 
 
 def _parse_k(name: str, text: str) -> int:
@@ -58,40 +91,45 @@ def _parse_k(name: str, text: str) -> int:
     return k
 
 
-def parse_metrics(
-    metrics: str | Iterable[str] | None, recall_ks: Sequence[int] = DEFAULT_RECALL_KS
-) -> MetricSpec:
-    """Parse metric names (see ``METRIC_NAMES``; ``"recall"``/``"precision"`` use ``recall_ks``)."""
+def _check_ks(recall_ks: Sequence[int]) -> list[int]:
     ks = []
     for k in recall_ks:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ConfigError(f"recall_ks must be positive integers; got {list(recall_ks)!r}")
         ks.append(int(k))
+    return ks
+
+
+def parse_metrics(
+    metrics: str | Iterable[str] | None, recall_ks: Sequence[int] = DEFAULT_RECALL_KS
+) -> MetricSpec:
+    """Parse metric names (see ``metric_names()``): a family's bare name (``"recall"``) uses
+    ``recall_ks``, ``name@K`` picks K."""
+    ks = _check_ks(recall_ks)
     if metrics is None:
         metrics = DEFAULT_METRICS
     elif isinstance(metrics, str):
         metrics = [m for m in metrics.replace(",", " ").split() if m]
-    spec = MetricSpec()
+    families = {m.name for m in RANKING_METRICS.values() if m.per_k}
+    chosen: dict[str, set] = {}
     for raw in metrics:
         name = str(raw).strip().lower()
-        if name == "recall":
-            spec.recall_ks.extend(ks)
-        elif name == "precision":
-            spec.precision_ks.extend(ks)
-        elif name.startswith("recall@"):
-            spec.recall_ks.append(_parse_k(name, name[7:]))
-        elif name.startswith("precision@"):
-            spec.precision_ks.append(_parse_k(name, name[10:]))
-        elif name in _FIXED_ORDER:
-            spec.fixed.append(name)
+        family, at, k_text = name.partition("@")
+        if name in families:
+            chosen.setdefault(name, set()).update(ks)
+        elif name in RANKING_METRICS or name in CLUSTERING_METRICS:
+            chosen.setdefault(name, set()).add(None)
+        elif at and family in families:
+            chosen.setdefault(family, set()).add(_parse_k(name, k_text))
         else:
             raise ConfigError(
-                f"unknown metric {raw!r}; choose from {', '.join(METRIC_NAMES)} "
+                f"unknown metric {raw!r}; choose from {', '.join(metric_names())} "
                 "(K a positive integer)"
             )
-    spec.recall_ks = sorted(set(spec.recall_ks))
-    spec.precision_ks = sorted(set(spec.precision_ks))
-    spec.fixed = [m for m in _FIXED_ORDER if m in spec.fixed]
+    spec = MetricSpec(
+        ranking=[(name, k) for name in RANKING_METRICS for k in sorted(chosen.get(name, ()))],
+        clustering=[name for name in CLUSTERING_METRICS if name in chosen],
+    )
     if not (spec.ranking or spec.clustering):
         raise ConfigError("no metric requested")
     return spec
@@ -189,17 +227,23 @@ def _relevant_counts(
     return r, c
 
 
+def _query_gallery(y: np.ndarray, q_mask: np.ndarray, g_mask: np.ndarray):
+    """``(q_index, g_index, self_pos, r, c)``: query and gallery sample indices, each query's
+    gallery position (-1 when it is not in the gallery) and its R and C (``_relevant_counts``)."""
+    q_index = np.flatnonzero(q_mask)
+    g_index = np.flatnonzero(g_mask)
+    g_pos = np.full(y.shape[0], -1, dtype=np.int64)
+    g_pos[g_index] = np.arange(g_index.size)
+    self_pos = g_pos[q_index]
+    r, c = _relevant_counts(y[q_index], y[g_index], self_pos >= 0)
+    return q_index, g_index, self_pos, r, c
+
+
 def _ranking(spec, x, y, q_index, g_index, self_pos, r, c, backend, block_size, device,
              max_bytes, progress: str | None = None) -> dict[str, float]:
     """Search the neighbours of the non-lone queries block by block and average the metrics."""
     keep = r > 0
-    acc = RankingAccumulator(
-        spec.recall_ks,
-        spec.precision_ks,
-        map_r="map@r" in spec.fixed,
-        r_precision="r_precision" in spec.fixed,
-        map_1000="map@1000" in spec.fixed,
-    )
+    acc = RankingAccumulator(spec.ranking)
     if not keep.any():
         warnings.warn(
             f"all {q_index.size} queries are lone (no other sample of their class in the "
@@ -208,13 +252,9 @@ def _ranking(spec, x, y, q_index, g_index, self_pos, r, c, backend, block_size, 
             stacklevel=3,
         )
         return acc.result()
-    k = max(spec.recall_ks + spec.precision_ks + [1])
-    if "map@r" in spec.fixed or "r_precision" in spec.fixed:
-        k = max(k, int(r[keep].max()))
-    if "map@1000" in spec.fixed:
-        k = max(k, MAP_AT)
+    k = max([1] + [RANKING_METRICS[name].needs(kk, r[keep]) for name, kk in spec.ranking])
     available = g_index.size - int((self_pos[keep] >= 0).any())
-    too_big = [kk for kk in spec.recall_ks + spec.precision_ks if kk > available]
+    too_big = [kk for _, kk in spec.ranking if kk is not None and kk > available]
     if too_big:
         warnings.warn(
             f"k = {too_big} exceeds the {available} neighbours a query can have; "
@@ -278,6 +318,24 @@ def _cluster(xs, n_classes, backend, seed, iters, cluster_fn, device) -> np.ndar
     return kmeans_torch(xs, n_classes, seed=seed, niter=iters, device=device)
 
 
+def _clustering(spec, x, y, members, backend, seed, iters, cluster_fn, device,
+                progress: str | None = None) -> dict[str, float]:
+    """Cluster the ``members`` (bool mask) into as many clusters as they have classes and score
+    the clustering with the requested metrics."""
+    members = np.flatnonzero(members)
+    if members.size == x.shape[0]:
+        xs, ys = x, y
+    else:
+        xs, ys = x[members], y[members]
+    n_classes = int(np.unique(ys).size)
+    bar = progress_bar(1, f"{progress}: k-means, {n_classes} clusters") if progress else None
+    assign = _cluster(xs, n_classes, backend, seed, iters, cluster_fn, device)
+    if bar is not None:
+        bar.update(1)
+        bar.close()
+    return clustering_scores(ys, assign, spec.clustering)
+
+
 def evaluate(
     embeddings,
     labels,
@@ -302,12 +360,12 @@ def evaluate(
     itself. Queries whose class has no other gallery member are left out and counted as
     ``lone_queries``; ``num_queries`` counts the queries the retrieval metrics average over.
 
-    ``metrics``: names from ``METRIC_NAMES`` (default ``DEFAULT_METRICS``); ``"recall"`` and
-    ``"precision"`` expand to ``recall_ks``; ``"recall@K"`` / ``"precision@K"`` pick any K.
-    Returned keys: ``recall@K``, ``precision@K``, ``map@r``, ``r_precision``, ``map@1000``,
-    ``nmi``, ``ami``, ``f1`` (only those requested; floats, fractions in [0, 1], NaN when no query
-    is left) plus ``lone_queries`` and ``num_queries`` (ints). Definitions: ``metrics`` and
-    ``clustering`` module docs; neighbour order and tie breaking: ``knn`` module doc.
+    ``metrics``: names from ``metric_names()`` (default ``DEFAULT_METRICS``); a family's name
+    (``"recall"``, ``"precision"``) expands to ``recall_ks``, ``"recall@K"`` picks any K. Returned:
+    the requested metrics in registry order -- ``recall@K``, ``precision@K``, ``map@r``,
+    ``r_precision``, ``map@1000``, ``nmi``, ``ami``, ``f1`` (floats, fractions in [0, 1], NaN when
+    no query is left) -- then ``lone_queries`` and ``num_queries`` (ints). Definitions: the
+    ``metrics`` and ``clustering`` registries; neighbour order and ties: ``knn`` module doc.
 
     Clustering runs k-means (``kmeans_iters`` steps, seed ``kmeans_seed``; faiss, or torch for
     ``backend="torch"``) with K = number of classes on every sample in the query or gallery set,
@@ -325,36 +383,16 @@ def evaluate(
     q_mask = _mask(query_mask, n, "query_mask")
     g_mask = _mask(gallery_mask, n, "gallery_mask")
     max_bytes = None if max_memory_mb is None else int(max_memory_mb * 2**20)
-
-    q_index = np.flatnonzero(q_mask)
-    g_index = np.flatnonzero(g_mask)
-    g_pos = np.full(n, -1, dtype=np.int64)
-    g_pos[g_index] = np.arange(g_index.size)
-    self_pos = g_pos[q_index]
-    r, c = _relevant_counts(y[q_index], y[g_index], self_pos >= 0)
+    q_index, g_index, self_pos, r, c = _query_gallery(y, q_mask, g_mask)
 
     results: dict = {}
     if spec.ranking:
-        results.update(
-            _ranking(spec, x, y, q_index, g_index, self_pos, r, c, backend, block_size, device,
-                     max_bytes, progress)
-        )
+        results.update(_ranking(spec, x, y, q_index, g_index, self_pos, r, c, backend,
+                                block_size, device, max_bytes, progress))
     if spec.clustering:
-        members = np.flatnonzero(q_mask | g_mask)
-        if members.size == n:
-            xs, ys = x, y
-        else:
-            xs, ys = x[members], y[members]
-        n_classes = int(np.unique(ys).size)
-        bar = progress_bar(1, f"{progress}: k-means, {n_classes} clusters") if progress else None
-        assign = _cluster(xs, n_classes, backend, kmeans_seed, kmeans_iters, cluster_fn, device)
-        if bar is not None:
-            bar.update(1)
-            bar.close()
-        results.update(clustering_scores(ys, assign, spec.clustering))
-    ordered = {f"recall@{k}": results[f"recall@{k}"] for k in spec.recall_ks}
-    ordered.update({f"precision@{k}": results[f"precision@{k}"] for k in spec.precision_ks})
-    ordered.update({m: results[m] for m in spec.fixed})
+        results.update(_clustering(spec, x, y, q_mask | g_mask, backend, kmeans_seed,
+                                   kmeans_iters, cluster_fn, device, progress))
+    ordered = {key: results[key] for key in spec.keys()}
     ordered["lone_queries"] = int((r <= 0).sum())
     ordered["num_queries"] = int((r > 0).sum())
     return ordered

@@ -1,4 +1,5 @@
-"""Exact cosine nearest-neighbour search in memory-bounded query blocks (faiss or torch).
+"""Exact cosine nearest-neighbour search in memory-bounded query blocks (faiss or torch):
+``knn_blocks`` yields each query block's table of gallery neighbours for the ranking metrics.
 
 Every backend returns, for each query, gallery positions ordered by the same rule, so the two
 backends give identical neighbour tables:
@@ -355,6 +356,35 @@ def _fix_near_ties(
     s32[r, c] = s32[r, c][order]
 
 
+def _search_rows(searcher, queries: np.ndarray, rows: np.ndarray, self_pos: np.ndarray,
+                 kk: int):
+    """Top-``kk`` search of ``queries[rows]``: ``(s32, idx, lowest)``.
+
+    ``s32`` / ``idx``: float32 scores and gallery positions by decreasing score, each query's own
+    index dropped (fresh arrays, changed in place by the caller); ``lowest``: each row's smallest
+    retrieved score, taken before dropping self, which bounds every unretrieved one.
+    """
+    s32, idx = searcher.search(queries[rows], kk)
+    s32 = np.asarray(s32, dtype=np.float32)
+    idx = np.asarray(idx, dtype=np.int64)
+    s32, idx = _ensure_sorted(s32, idx)
+    lowest = s32[:, -1].copy()
+    s32, idx = _drop_self(s32, idx, self_pos[rows])
+    return s32, idx, lowest
+
+
+def _by_float32_score(s32: np.ndarray, idx: np.ndarray, width: int, n_gallery: int):
+    """The first ``width`` retrieved neighbours by (-float32 score, index), -1 entries last: the
+    bounded order of degenerate rows (no exact scores)."""
+    order = np.lexsort((np.where(idx >= 0, idx, n_gallery), -s32))
+    return np.take_along_axis(idx, order, 1)[:, :width]
+
+
+def _relevance(idx: np.ndarray, q_labels: np.ndarray, g_labels: np.ndarray) -> np.ndarray:
+    """Whether each retrieved neighbour (``idx``, -1 = none) has its query's label."""
+    return (g_labels[idx] == q_labels[:, None]) & (idx >= 0)
+
+
 def _settle_rows(
     searcher,
     queries: np.ndarray,
@@ -380,13 +410,7 @@ def _settle_rows(
     kk = min(n_gallery, width + int(has_self) + extra)
     cap = max(4 * width, width + DEGENERATE_TIES)
     while rows.size:
-        s32, idx = searcher.search(queries[rows], kk)
-        s32 = np.asarray(s32, dtype=np.float32)  # fresh arrays, changed in place below
-        idx = np.asarray(idx, dtype=np.int64)
-        s32, idx = _ensure_sorted(s32, idx)
-        # The smallest retrieved score bounds every unretrieved one (taken before dropping self).
-        lowest = s32[:, -1].copy()
-        s32, idx = _drop_self(s32, idx, self_pos[rows])
+        s32, idx, lowest = _search_rows(searcher, queries, rows, self_pos, kk)
         final = kk >= n_gallery  # everything was retrieved: the order is final
         # A row whose retrieved scores all lie within tol of each other cannot settle at this
         # kk whatever the order inside it: search again (wider) before resolving its ties.
@@ -396,15 +420,12 @@ def _settle_rows(
         degenerate = flat & (kk >= cap)
         if degenerate.any():
             _count_degenerate(int(degenerate.sum()), width)
-            d_idx, d_s32 = idx[degenerate], s32[degenerate]
-            order = np.lexsort((np.where(d_idx >= 0, d_idx, n_gallery), -d_s32))
-            out[rows[degenerate]] = np.take_along_axis(d_idx, order, 1)[:, :width]
+            out[rows[degenerate]] = _by_float32_score(s32[degenerate], idx[degenerate], width,
+                                                      n_gallery)
         wider = rows[flat & ~degenerate]
         live = ~flat
         rows, s32, idx, lowest = rows[live], s32[live], idx[live], lowest[live]
-        rel = None
-        if q_labels is not None:
-            rel = (g_labels[idx] == q_labels[rows, None]) & (idx >= 0)
+        rel = None if q_labels is None else _relevance(idx, q_labels[rows], g_labels)
         _fix_near_ties(queries, rows, gallery, s32, idx, tol, rel)
         if final:
             out[rows, : min(width, idx.shape[1])] = idx[:, :width]

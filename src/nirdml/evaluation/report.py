@@ -1,4 +1,6 @@
-"""Embedding files (``.npz``) in, metric tables and JSON out."""
+"""Embedding files (``.npz``) in, metric tables and JSON out: ``load_npz`` / ``evaluate_npz``
+read saved embeddings, ``format_metrics_table`` prints a result in percent and
+``write_metrics_json`` keeps its fractions (NaN as null)."""
 
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from nirdml.errors import ConfigError
+from nirdml.evaluation.core import is_headline
 from nirdml.files import atomic_write_text
 from nirdml.training.run_dir import RunDir
 
@@ -56,7 +57,7 @@ def epoch_line(record: dict[str, Any], epochs: int) -> str:
                        and isinstance(v, float) and not k.endswith("_max"))
     metrics = "  ".join(f"{k} {100 * v:.2f}%" for k, v in record.items()
                         if k.startswith(("val/", "test/")) and isinstance(v, float)
-                        and k.split("/")[1].startswith(("recall@1", "map@r", "nmi")))
+                        and is_headline(k.split("/")[1], brief=True))
     speed = f"{record['time/epoch_s']:.1f} s, {record['time/images_per_s']:.0f} img/s"
     return f"epoch {record['epoch']}/{epochs} ({speed})  {losses}" + (
         f"  |  {metrics}" if metrics else "")
