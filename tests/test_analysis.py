@@ -211,7 +211,7 @@ def test_bad_inputs_raise_input_error(case):
     elif case == "1d":
         x = x[:, 0]
     message = {
-        "nan": r"NaN/inf in 1 row\(s\) \(first: row 3\)",
+        "nan": r"NaN or inf in 1 of 60 rows \(first: row 3\)",
         "zero": r"1 all-zero row\(s\) \(first: row 2\)",
         "mismatch": "labels has 59 entries but embeddings has 60 rows",
         "one_class": "at least 2 classes",

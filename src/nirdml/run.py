@@ -119,13 +119,13 @@ class TrainedRun:
 
     def embed(self, split_or_dataset, batch_size: int | None = None,
               progress: str | None = None):
-        """Embeddings (``nirdml.training.builders.Embeddings``) of a split name or a dataset,
-        in order, with the run's model."""
-        from nirdml.training import builders
+        """:class:`~nirdml.embeddings.Embeddings` of a split name or a dataset, in order, with
+        the run's model."""
+        from nirdml.embeddings import embed_dataset
 
         dataset = self.split(split_or_dataset) if isinstance(split_or_dataset, str) \
             else split_or_dataset
-        return builders.embed_dataset(
+        return embed_dataset(
             self.model, dataset, self.device,
             batch_size=batch_size or self.config.data.eval_batch_size,
             num_workers=self.config.data.num_workers, amp=self.config.train.amp,

@@ -32,6 +32,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from nirdml.embeddings import l2_normalize
 from nirdml.errors import InputError
 
 EPS = 1e-12
@@ -40,26 +41,12 @@ BLOCK = 2048
 
 # ----------------------------------------------------------------------------- validation
 def normalize_embeddings(embeddings) -> np.ndarray:
-    """Return the rows of ``embeddings`` L2-normalised, as a float64 ``(N, D)`` array."""
-    try:
-        x = np.asarray(embeddings, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"embeddings must be a numeric (N, D) array ({exc})") from None
-    if x.ndim != 2:
-        raise InputError(f"embeddings must be a 2-D (N, D) array, got shape {x.shape}")
-    n, d = x.shape
-    if n < 2 or d < 2:
+    """The rows of ``embeddings`` L2-normalised as float64 ``(N, D)`` (``nirdml.embeddings``'s
+    rule for non-finite and zero rows), at least 2 rows and 2 columns."""
+    x = l2_normalize(embeddings, dtype=np.float64)
+    if x.shape[0] < 2 or x.shape[1] < 2:
         raise InputError(f"embeddings need at least 2 rows and 2 columns, got shape {x.shape}")
-    bad = ~np.isfinite(x).all(axis=1)
-    if bad.any():
-        rows = np.flatnonzero(bad)
-        raise InputError(f"embeddings contain NaN/inf in {rows.size} row(s) (first: row "
-                         f"{rows[0]}); remove them or fix the model that produced them")
-    norms = np.linalg.norm(x, axis=1)
-    if (norms == 0).any():
-        raise InputError(f"embeddings contain {(norms == 0).sum()} all-zero row(s) (first: row "
-                         f"{np.flatnonzero(norms == 0)[0]}); they cannot be L2-normalised")
-    return x / norms[:, None]
+    return x
 
 
 def _check_labels(labels, n: int) -> np.ndarray:

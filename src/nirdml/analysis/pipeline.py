@@ -17,21 +17,12 @@ PLOT_FILES = {"spectrum": "spectrum.png", "distances": "distances.png", "tsne": 
 
 
 def load_embeddings_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """``(embeddings, labels)`` from an npz written by ``nirdml embed`` (keys of those names)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"embeddings file {str(path)!r} does not exist")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            missing = {"embeddings", "labels"} - set(data.files)
-            if missing:
-                raise InputError(f"{str(path)!r} lacks the array(s) {sorted(missing)}; expected "
-                                 f"an npz with 'embeddings' (N, D) and 'labels' (N,)")
-            return data["embeddings"], data["labels"]
-    except (OSError, ValueError) as exc:
-        if isinstance(exc, InputError):
-            raise
-        raise InputError(f"cannot read {str(path)!r} as an npz file: {exc}") from None
+    """``(embeddings, labels)`` of an ``.npz`` written by ``nirdml embed``
+    (:meth:`nirdml.embeddings.Embeddings.load`)."""
+    from nirdml.embeddings import Embeddings
+
+    emb = Embeddings.load(path)
+    return emb.embeddings, emb.labels
 
 
 def _flow_samples(run, batch_size: int | None, num_classes_shown: int,

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from nirdml.embeddings import l2_normalize
 from nirdml.errors import ConfigError, InputError
 from nirdml.evaluation.clustering import CLUSTERING_METRICS, clustering_scores
 from nirdml.evaluation.knn import knn_blocks, resolve_backend
@@ -147,37 +148,9 @@ def _to_numpy(x, what: str) -> np.ndarray:
 
 
 def normalize_embeddings(embeddings) -> np.ndarray:
-    """Validate a ``(N, D)`` array/tensor and return it L2-normalised as C-contiguous float32."""
-    x = _to_numpy(embeddings, "embeddings")
-    if x.ndim != 2:
-        raise InputError(
-            f"embeddings must be a 2-D array (N samples x D dims); got shape {tuple(x.shape)}"
-        )
-    if x.shape[0] == 0:
-        raise InputError("embeddings has no rows: there is nothing to evaluate")
-    if x.shape[1] == 0:
-        raise InputError("embeddings has 0 columns (D = 0)")
-    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
-        raise InputError(f"embeddings must be numeric; got dtype {x.dtype}")
-    x = np.array(x, dtype=np.float32, order="C", copy=True)  # normalised below, in place
-    bad = ~np.isfinite(x).all(axis=1)
-    if bad.any():
-        rows = np.flatnonzero(bad)
-        raise InputError(
-            f"embeddings contain NaN or inf in {rows.size} of {x.shape[0]} rows (first: "
-            f"{rows[:5].tolist()}); fix the model output or drop those samples"
-        )
-    norms = np.linalg.norm(x, axis=1)
-    zero = norms == 0
-    if zero.any():
-        warnings.warn(
-            f"{int(zero.sum())} embedding rows are all zeros; they score 0 against everything",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        norms[zero] = 1.0
-    x /= norms[:, None]
-    return x
+    """Validate a ``(N, D)`` array/tensor and return it L2-normalised as C-contiguous float32
+    (``nirdml.embeddings.l2_normalize``: NaN/inf or all-zero rows are an InputError)."""
+    return l2_normalize(embeddings)
 
 
 def _labels(labels, n: int) -> np.ndarray:

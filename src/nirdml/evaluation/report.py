@@ -7,40 +7,23 @@ from __future__ import annotations
 import json
 import math
 import sys
-import zipfile
 from pathlib import Path
 from typing import TextIO
 
 import numpy as np
-
-from nirdml.errors import InputError
 
 NPZ_REQUIRED = ("embeddings", "labels")
 NPZ_OPTIONAL = ("is_query", "is_gallery")
 
 
 def load_npz(path: str | Path) -> dict[str, np.ndarray | None]:
-    """Read ``embeddings`` (N x D), ``labels`` (N) and optional ``is_query``/``is_gallery``."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"embeddings file {str(path)!r} does not exist")
-    if not zipfile.is_zipfile(path):
-        raise InputError(f"{str(path)!r} is not an .npz file; write one with nirdml embed or "
-                         "np.savez(path, embeddings=..., labels=...)")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            present = list(data.files)
-            missing = [k for k in NPZ_REQUIRED if k not in present]
-            if missing:
-                raise InputError(
-                    f"{str(path)!r} lacks key(s) {missing}; it has {present}. Save it with "
-                    "np.savez(path, embeddings=..., labels=..., [is_query=..., is_gallery=...])"
-                )
-            return {k: (data[k] if k in present else None) for k in NPZ_REQUIRED + NPZ_OPTIONAL}
-    except InputError:
-        raise
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise InputError(f"cannot read {str(path)!r} as an .npz archive: {exc}") from exc
+    """``embeddings`` (N x D), ``labels`` (N) and optional ``is_query``/``is_gallery`` of an
+    ``.npz`` (:meth:`nirdml.embeddings.Embeddings.load`), as a dict."""
+    from nirdml.embeddings import Embeddings
+
+    emb = Embeddings.load(path)
+    return {"embeddings": emb.embeddings, "labels": emb.labels, "is_query": emb.is_query,
+            "is_gallery": emb.is_gallery}
 
 
 def evaluate_npz(path: str | Path, metrics=None, recall_ks=(1, 2, 4, 8), **kwargs) -> dict:

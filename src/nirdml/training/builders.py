@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from nirdml.embeddings import Embeddings, embed_dataset  # noqa: F401 - re-exported
 from nirdml.errors import ConfigError
 from nirdml.training.config import Config
 
@@ -190,63 +190,6 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer):
     return None
 
 
-@dataclass
-class Embeddings:
-    """Embeddings of one split, with labels and (In-Shop style) query/gallery masks."""
-
-    embeddings: np.ndarray
-    labels: np.ndarray
-    is_query: np.ndarray | None = None
-    is_gallery: np.ndarray | None = None
-
-    def save_npz(self, path) -> None:
-        arrays = {"embeddings": self.embeddings, "labels": self.labels}
-        if self.is_query is not None:
-            arrays["is_query"] = self.is_query
-        if self.is_gallery is not None:
-            arrays["is_gallery"] = self.is_gallery
-        import io
-
-        from nirdml.files import atomic_write_bytes
-
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
-        atomic_write_bytes(path, buffer.getvalue())
-
-
-@torch.no_grad()
-def embed_dataset(model: nn.Module, dataset, device: torch.device, batch_size: int = 256,
-                  num_workers: int = 0, amp: str = "none",
-                  progress: str | None = None) -> Embeddings:
-    """Embed every sample of ``dataset`` in order (eval mode, no gradients); ``progress``
-    names a progress bar shown on a terminal."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                                         num_workers=num_workers,
-                                         pin_memory=device.type == "cuda")
-    was_training = model.training
-    model.eval()
-    chunks = []
-    bar = None
-    if progress:
-        from nirdml.evaluation.core import progress_bar
-
-        bar = progress_bar(len(dataset), f"{progress}: embedding", "img")
-    try:
-        for images, _ in loader:
-            images = images.to(device, non_blocking=True)
-            with autocast(device, amp):
-                chunks.append(model(images).float().cpu())
-            if bar is not None:
-                bar.update(len(images))
-    finally:
-        model.train(was_training)
-        if bar is not None:
-            bar.close()
-    emb = torch.cat(chunks).numpy() if chunks else np.zeros((0, 1), np.float32)
-    return Embeddings(emb, np.asarray(dataset.labels),
-                      getattr(dataset, "is_query", None), getattr(dataset, "is_gallery", None))
-
-
 def autocast(device: torch.device, amp: str):
     """Autocast context for ``amp`` in {none, bf16, fp16}; parameters are never cast."""
     if amp == "none":
@@ -255,3 +198,6 @@ def autocast(device: torch.device, amp: str):
     if device.type == "cpu" and amp == "fp16":
         raise ConfigError("train.amp=fp16 needs CUDA; use train.amp=bf16 or none on the CPU")
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# the embedding container and loop live in nirdml.embeddings; training reaches them from here

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from nirdml.embeddings import embed_dataset
 from nirdml.errors import ConfigError, NirdmlError, TrainingError
 from nirdml.nir.monitor import flow_state
 from nirdml.training import builders
@@ -248,7 +249,7 @@ class Trainer:
         from nirdml.evaluation import evaluate
 
         shown = name if self.cfg.train.progress and self.dist.is_main else None
-        emb = self.dist.gather_embeddings(builders.embed_dataset(
+        emb = self.dist.gather_embeddings(embed_dataset(
             self.model, self.dist.shard_dataset(dataset), self.device,
             batch_size=self.cfg.data.eval_batch_size, num_workers=self.cfg.data.num_workers,
             amp=self.cfg.train.amp, progress=shown), len(dataset))
