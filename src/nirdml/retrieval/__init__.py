@@ -11,9 +11,9 @@ Heavy modules (faiss, onnx, matplotlib) are imported only when used.
 
 from __future__ import annotations
 
+from nirdml.data.images import IMAGE_EXTENSIONS, list_image_folder, load_image
 from nirdml.retrieval.faiss_index import INDEX_TYPES, IndexSpec, build_index, search_index
 from nirdml.retrieval.fingerprint import model_fingerprint, state_dict_fingerprint
-from nirdml.retrieval.images import IMAGE_EXTENSIONS, list_image_folder, load_image
 from nirdml.retrieval.retriever import (
     Gallery,
     Retriever,

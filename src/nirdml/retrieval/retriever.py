@@ -26,7 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from nirdml.data.preprocessing import Preprocessing
+from nirdml.data.images import (
+    ImageFileDataset,
+    collate_skipping_bad,
+    list_image_folder,
+    load_image,
+)
+from nirdml.data.preprocessing import ImagePrep, Preprocessing
 from nirdml.errors import CheckpointError, ConfigError, InputError, NirdmlError
 from nirdml.retrieval.faiss_index import (
     IndexSpec,
@@ -36,13 +42,6 @@ from nirdml.retrieval.faiss_index import (
     search_index,
 )
 from nirdml.retrieval.fingerprint import model_fingerprint
-from nirdml.retrieval.images import (
-    ImageFileDataset,
-    ImagePrep,
-    collate_skipping_bad,
-    list_image_folder,
-    load_image,
-)
 
 INDEX_FILE, META_FILE, LABELS_FILE = "index.faiss", "meta.json", "labels.npy"
 META_VERSION = 1
