@@ -8,8 +8,8 @@ import torch
 
 from nirdml.cli import main
 from nirdml.errors import CheckpointError, ConfigError
+from nirdml.export import export_model, read_export_metadata, run_exported
 from nirdml.retrieval import model_fingerprint
-from nirdml.retrieval.export import export_model, read_export_metadata, run_exported
 
 
 def make_checkpoint(path, image_size=32):

@@ -24,15 +24,15 @@ from nirdml.retrieval.retriever import (
 
 
 def export_model(*args, **kwargs):
-    """See :func:`nirdml.retrieval.export.export_model`."""
-    from nirdml.retrieval.export import export_model as _export
+    """Moved to :func:`nirdml.export.export_model` (kept here for old imports)."""
+    from nirdml.export import export_model as _export
 
     return _export(*args, **kwargs)
 
 
 def build_report(*args, **kwargs):
-    """See :func:`nirdml.retrieval.report.build_report`."""
-    from nirdml.retrieval.report import build_report as _build
+    """Moved to :func:`nirdml.reports.build_report` (kept here for old imports)."""
+    from nirdml.reports import build_report as _build
 
     return _build(*args, **kwargs)
 
