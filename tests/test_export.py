@@ -13,7 +13,7 @@ from nirdml.retrieval import model_fingerprint
 
 
 def make_checkpoint(path, image_size=32):
-    """A small_cnn checkpoint that ``load_trained_model`` accepts (no training)."""
+    """A small_cnn checkpoint that ``TrainedRun`` accepts (no training)."""
     from nirdml.models import build_model
     from nirdml.training.checkpoint import save_checkpoint
     from nirdml.training.config import Config

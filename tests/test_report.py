@@ -23,7 +23,7 @@ K, QUERIES = 4, 3
 
 
 def make_checkpoint(path, data=None):
-    """A small_cnn checkpoint that ``load_trained_model`` accepts (no training)."""
+    """A small_cnn checkpoint that ``TrainedRun`` accepts (no training)."""
     from nirdml.models import build_model
     from nirdml.training.checkpoint import save_checkpoint
     from nirdml.training.config import Config
