@@ -8,12 +8,12 @@ import torch
 
 from nirdml.cli import main
 from nirdml.errors import CheckpointError, ConfigError
+from nirdml.export import export_model, read_export_metadata, run_exported
 from nirdml.retrieval import model_fingerprint
-from nirdml.retrieval.export import export_model, read_export_metadata, run_exported
 
 
 def make_checkpoint(path, image_size=32):
-    """A small_cnn checkpoint that ``load_trained_model`` accepts (no training)."""
+    """A small_cnn checkpoint that ``TrainedRun`` accepts (no training)."""
     from nirdml.models import build_model
     from nirdml.training.checkpoint import save_checkpoint
     from nirdml.training.config import Config

@@ -17,13 +17,13 @@ import torch
 from conftest import need_program, save_untrained_digits_checkpoint
 from nirdml.cli import main
 from nirdml.errors import ConfigError
-from nirdml.retrieval.report import build_report
+from nirdml.reports import build_report
 
 K, QUERIES = 4, 3
 
 
 def make_checkpoint(path, data=None):
-    """A small_cnn checkpoint that ``load_trained_model`` accepts (no training)."""
+    """A small_cnn checkpoint that ``TrainedRun`` accepts (no training)."""
     from nirdml.models import build_model
     from nirdml.training.checkpoint import save_checkpoint
     from nirdml.training.config import Config
@@ -235,7 +235,7 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
 
 
 def test_curves_plot_metrics_in_percent_not_counts(monkeypatch):
-    import nirdml.retrieval.report as report_module
+    import nirdml.reports.html as report_module
 
     seen = {}
 

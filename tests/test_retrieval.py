@@ -13,6 +13,7 @@ from conftest import save_untrained_digits_checkpoint
 from nirdml.cli import main
 from nirdml.errors import CheckpointError, ConfigError, InputError
 from nirdml.retrieval import (
+    GalleryIndex,
     IndexSpec,
     Retriever,
     build_index,
@@ -26,7 +27,7 @@ COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 
 
 def make_checkpoint(path, seed=0, image_size=32, embedding_dim=16):
-    """A small_cnn checkpoint that ``load_trained_model`` accepts (no training)."""
+    """A small_cnn checkpoint that ``TrainedRun`` accepts (no training)."""
     from nirdml.models import build_model
     from nirdml.training.checkpoint import save_checkpoint
     from nirdml.training.config import Config
@@ -124,7 +125,7 @@ def test_flat_index_matches_brute_force():
     rng = np.random.default_rng(0)
     gallery = rng.normal(size=(300, 16)).astype(np.float32)
     gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
-    r = Retriever(build_index(gallery, IndexSpec("flat"))[0], np.arange(300) % 7)
+    r = Retriever(GalleryIndex(build_index(gallery, IndexSpec("flat"))[0], np.arange(300) % 7))
     queries = rng.normal(size=(10, 16)).astype(np.float32)
     res = r.search(queries, k=5)
     q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
@@ -159,8 +160,8 @@ def test_ivf_types_answer_k_real_neighbours(tmp_path):
     # saved and reopened with its parameters
     np.savez(tmp_path / "g.npz", embeddings=x, labels=np.arange(2000) % 20)
     g = read_embeddings_npz(tmp_path / "g.npz", 16)
-    r = Retriever(None, np.zeros(0))
-    r._set_gallery(g, IndexSpec("ivfpq", nlist=16, m=8))
+    r = Retriever(GalleryIndex.build(g.embeddings, g.labels, spec=IndexSpec("ivfpq", nlist=16,
+                                                                            m=8)))
     r.save(tmp_path / "idx")
     back = Retriever.load(tmp_path / "idx", load_model=False)
     assert back.spec.type == "ivfpq" and back.spec.m == 8 and back.spec.nlist == 16
@@ -366,3 +367,40 @@ def test_omniglot_png_queries_get_the_training_polarity(tmp_path):
     with pytest.warns(UnusualQueryWarning, match="inverted.png looks unlike"):
         retriever.search([inverted], k=1)
 
+
+
+def test_gallery_index_alone_builds_saves_loads_and_searches_like_brute_force(tmp_path):
+    """GalleryIndex without a model: random embeddings in, the same exact neighbours out after
+    a save/load round trip, with its labels, paths, class names, source and origin."""
+    from nirdml.retrieval import IndexOrigin
+
+    rng = np.random.default_rng(3)
+    emb = rng.normal(size=(200, 12)).astype(np.float32) * rng.uniform(0.5, 3, (200, 1))
+    labels = np.arange(200) % 5
+    origin = IndexOrigin("ck.pt", "f" * 64, "rgb", 3, {"invert": True, "input_size": [8, 8]},
+                         {"data": {"image_size": 32}})
+    index = GalleryIndex.build(emb, labels, [f"g{i}.png" for i in range(200)],
+                               class_names=list("abcde"), source={"kind": "npz"}, seed=1,
+                               origin=origin)
+    assert len(index) == 200 and index.dim == 12 and index.spec.type == "flat"
+    index.save(tmp_path / "idx")
+    assert {p.name for p in (tmp_path / "idx").iterdir()} == {"index.faiss", "meta.json",
+                                                              "labels.npy"}
+    back = GalleryIndex.load(tmp_path / "idx")
+    np.testing.assert_array_equal(back.labels, labels)
+    assert back.paths == index.paths and back.class_names == list("abcde")
+    assert back.source == {"kind": "npz"} and back.origin == origin
+    assert back.origin.preprocessing().input_size == (8, 8)
+    queries = rng.normal(size=(7, 12)).astype(np.float32)
+    res = back.search(queries, k=6, names=[f"q{i}" for i in range(7)])
+    g = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    sims = q @ g.T
+    expected = np.argsort(-sims, axis=1, kind="stable")[:, :6]
+    np.testing.assert_array_equal(res.ids, expected)
+    np.testing.assert_allclose(res.scores, np.take_along_axis(sims, expected, 1), atol=1e-5)
+    np.testing.assert_array_equal(res.labels, labels[expected])
+    assert res.paths[0][0] == f"g{expected[0, 0]}.png" and res.queries[3] == "q3"
+    assert res.hits(0)[0]["class"] == "abcde"[labels[expected[0, 0]]]
+    with pytest.raises(InputError, match="larger than the gallery"):
+        back.search(queries, k=201)

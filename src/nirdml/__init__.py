@@ -4,6 +4,9 @@ The package is laid out along the pipeline::
 
     data -> models -> losses (+ nir regulariser) -> training -> evaluation -> retrieval
 
+and around it: ``run`` (a trained checkpoint and what follows from it), ``analysis`` (structure
+diagnostics), ``export`` (ONNX / TorchScript) and ``reports`` (the HTML run report).
+
 Sub-packages are imported lazily so that ``import nirdml`` stays cheap.
 """
 
@@ -14,7 +17,8 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = (
-    "analysis", "data", "evaluation", "losses", "models", "nir", "retrieval", "training",
+    "analysis", "data", "evaluation", "export", "losses", "models", "nir", "reports", "retrieval",
+    "run", "training",
 )
 
 

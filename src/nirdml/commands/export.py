@@ -20,8 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from nirdml.export import export_model
     from nirdml.files import check_writable_file
-    from nirdml.retrieval.export import export_model
 
     check_writable_file(args.out)
     res = export_model(args.checkpoint, args.out, args.format, image_size=args.image_size,

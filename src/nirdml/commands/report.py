@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
 
     from nirdml.errors import ConfigError
     from nirdml.files import check_writable_file
-    from nirdml.retrieval.report import build_report
+    from nirdml.reports import build_report
 
     if not (Path(args.run) / "metrics.jsonl").is_file():
         raise ConfigError(f"--run {args.run!r} is not a training run (no metrics.jsonl in it); "

@@ -49,6 +49,20 @@ class Preprocessing:
         return cls(**kw)
 
     @classmethod
+    def plain(cls, image_kind: str | None, in_chans: int | None, image_size: int | None,
+              invert: bool = False, input_size=None) -> Preprocessing:
+        """A record without input statistics: the eval transform of ``image_kind`` (plus
+        ``invert`` and ``input_size`` when known), for checkpoints older than the record."""
+        if image_kind is None:
+            from nirdml.errors import CheckpointError
+
+            raise CheckpointError("the checkpoint does not record its image_kind, so the right "
+                                  "image transform is unknown; re-save it with a current nirdml")
+        return cls(image_kind=image_kind, in_chans=int(in_chans or 3), image_size=image_size,
+                   input_size=None if input_size is None else tuple(int(v) for v in input_size),
+                   invert=bool(invert))
+
+    @classmethod
     def measure(cls, dataset, image_kind: str, in_chans: int, image_size: int | None,
                 invert: bool, samples: int = 256, seed: int = 0) -> Preprocessing:
         """The record of ``dataset`` (whose ``transform`` is the evaluation transform):

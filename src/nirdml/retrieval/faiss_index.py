@@ -40,13 +40,6 @@ def normalize_type(name: str) -> str:
     return _ALIASES[key]
 
 
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Row-wise L2 normalisation (float32, C-contiguous); zero rows stay zero."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.ascontiguousarray(x / np.maximum(norms, 1e-12), dtype=np.float32)
-
-
 def resolve_spec(spec: IndexSpec, n: int, dim: int) -> IndexSpec:
     """Fill in defaults and check parameters against a gallery of ``n`` x ``dim`` vectors."""
     kind = normalize_type(spec.type)

@@ -1,4 +1,9 @@
-"""Reading image files for embedding: decoding with clear errors, folder listing, a Dataset."""
+"""Reading image files to embed them: decoding with clear errors, folder listing, a Dataset.
+
+Query images and folder galleries (``nirdml search``, ``nirdml index build --gallery FOLDER``)
+are read here; the :class:`~nirdml.data.preprocessing.ImagePrep` of a checkpoint's
+preprocessing record turns each decoded image into a model input.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +14,12 @@ from pathlib import Path
 
 import torch
 
+from nirdml.data.datasets.core import IMAGE_EXTENSIONS
 from nirdml.data.preprocessing import ImagePrep
 from nirdml.errors import InputError
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFileDataset", "ImagePrep", "collate_skipping_bad",
-           "list_image_folder", "load_image"]
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
-                    ".pgm")
+__all__ = ["IMAGE_EXTENSIONS", "ImageFileDataset", "collate_skipping_bad", "list_image_folder",
+           "load_image"]
 
 
 def load_image(path: str | os.PathLike, in_chans: int = 3):
