@@ -484,7 +484,7 @@ def test_collapsed_embeddings_settle_without_an_all_pairs_tie_resolution(backend
     the whole gallery. Its ties are broken by index among a bounded number of retrieved
     neighbours, with a warning, instead of resolving N x N exact scores (which took hours on a
     13k collapsed Omniglot test split); normal data never takes that path."""
-    from nirdml.evaluation import knn
+    from nirdml.evaluation import knn, ties
 
     rng = np.random.default_rng(0)
     n = 6000
@@ -494,8 +494,8 @@ def test_collapsed_embeddings_settle_without_an_all_pairs_tie_resolution(backend
     x = np.ones((n, 8), np.float32) + rng.standard_normal((n, 8)).astype(np.float32) * spread
     y = np.repeat(np.arange(300), 20)
     calls = []
-    exact = knn.exact_scores
-    monkeypatch.setattr(knn, "exact_scores", lambda *a, **k: calls.append(len(a[1])) or exact(
+    exact = ties.exact_scores
+    monkeypatch.setattr(ties, "exact_scores", lambda *a, **k: calls.append(len(a[1])) or exact(
         *a, **k))
     with pytest.warns(knn.DegenerateTiesWarning, match="collapsed"):
         res = evaluate(x, y, metrics=["recall@1", "map@r"], backend=backend)

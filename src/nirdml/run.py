@@ -41,7 +41,7 @@ class TrainedRun:
 
     def __init__(self, state: dict[str, Any], path: Path, device: str = "auto",
                  data_root: str | None = None):
-        from nirdml.training import builders
+        from nirdml.devices import resolve_device
         from nirdml.training.config import Config
 
         self.state = state
@@ -52,7 +52,7 @@ class TrainedRun:
         self.config.model.weights_path = None
         if data_root is not None:
             self.config.data.root = str(data_root)
-        self.device = builders.resolve_device(device)
+        self.device = resolve_device(device)
 
     @classmethod
     def open(cls, checkpoint: str | Path, device: str = "auto",

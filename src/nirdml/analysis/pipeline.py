@@ -94,65 +94,68 @@ def analyze(embeddings=None, labels=None, checkpoint=None, out_dir: str | Path =
     the figure to ``flow_samples.png``. Figures: ``spectrum.png``, ``distances.png``,
     ``tsne.png`` (skipped with ``plots=False``). Returns the dict written to the JSON file.
     """
+    run, x, y, source = _read_input(embeddings, labels, checkpoint, split, device, batch_size,
+                                    data_root)
+    report = structure_report(x, y, seed=seed)
+    result: dict[str, Any] = {**report, "source": source, "plots": {}, "flow_samples": None}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if plots:
+        from nirdml.analysis import plots as pl
+
+        result["plots"]["spectrum"] = str(pl.plot_spectrum(x, out / PLOT_FILES["spectrum"]))
+        result["plots"]["distances"] = str(pl.plot_distance_histograms(
+            x, y, out / PLOT_FILES["distances"], seed=seed))
+        result["plots"]["tsne"] = str(pl.plot_tsne(
+            x, y, out / PLOT_FILES["tsne"], num_classes=tsne_classes, seed=seed))
+    if run is not None and flow_classes > 0:
+        flow_info = _flow_samples(run, batch_size, flow_classes, max_real_per_class=200,
+                                  seed=seed)
+        if flow_info is not None:
+            _flow_section(result, flow_info, out, plots, flow_samples_per_class, seed)
+    (out / "analysis.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _read_input(embeddings, labels, checkpoint, split, device, batch_size, data_root):
+    """``(run or None, x, y, source)`` from exactly one of embeddings and checkpoint."""
     if (embeddings is None) == (checkpoint is None):
         raise InputError("give exactly one of embeddings (array or .npz) and checkpoint")
-    source: dict[str, Any]
-    run = None
     if checkpoint is not None:
         from nirdml.run import TrainedRun
 
         run = TrainedRun.open(checkpoint, device, data_root)
         emb = run.embed(split, batch_size)
-        x, y = emb.embeddings, emb.labels
-        source = {"checkpoint": str(checkpoint), "split": split,
-                  "dataset": run.config.data.name}
-    elif isinstance(embeddings, (str, Path)):
+        return run, emb.embeddings, emb.labels, {"checkpoint": str(checkpoint),
+                                                 "split": split,
+                                                 "dataset": run.config.data.name}
+    if isinstance(embeddings, (str, Path)):
         if labels is not None:
             raise InputError("labels come from the npz file; do not pass them as well")
         x, y = load_embeddings_npz(embeddings)
-        source = {"embeddings": str(embeddings)}
-    else:
-        if labels is None:
-            raise InputError("labels are required with an embeddings array")
-        x, y = embeddings, labels
-        source = {"embeddings": "array"}
+        return None, x, y, {"embeddings": str(embeddings)}
+    if labels is None:
+        raise InputError("labels are required with an embeddings array")
+    return None, embeddings, labels, {"embeddings": "array"}
 
-    report = structure_report(x, y, seed=seed)
-    result: dict[str, Any] = {**report, "source": source, "plots": {}, "flow_samples": None}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
 
-    flow_info = None
-    if run is not None and flow_classes > 0:
-        flow_info = _flow_samples(run, batch_size, flow_classes, max_real_per_class=200,
-                                  seed=seed)
+def _flow_section(result: dict[str, Any], flow_info: dict[str, Any], out: Path, plots: bool,
+                  samples_per_class: int, seed: int) -> None:
+    """Flow samples around a few proxies: their statistics and the mechanism metrics into
+    ``result["flow_samples"]``, the figure (with ``plots``) to ``flow_samples.png``."""
+    from nirdml.analysis import plots as pl
 
-    if plots or flow_info is not None:
-        from nirdml.analysis import plots as pl
-
-        if plots:
-            result["plots"]["spectrum"] = str(pl.plot_spectrum(x, out / PLOT_FILES["spectrum"]))
-            result["plots"]["distances"] = str(pl.plot_distance_histograms(
-                x, y, out / PLOT_FILES["distances"], seed=seed))
-            result["plots"]["tsne"] = str(pl.plot_tsne(
-                x, y, out / PLOT_FILES["tsne"], num_classes=tsne_classes, seed=seed))
-        if flow_info is not None:
-            k = flow_info["proxies_per_class"]
-            samples = pl.sample_flow_around_proxies(
-                flow_info["flow"], flow_info["proxies"], flow_info["classes"],
-                flow_samples_per_class, k, seed)
-            result["flow_samples"] = pl.flow_sample_stats(
-                *samples, flow_info["embeddings"], flow_info["labels"], flow_info["proxies"], k)
-            result["flow_samples"].update(mechanism_metrics(flow_info, seed))
-            if plots:
-                result["plots"]["flow_samples"] = str(pl.plot_flow_samples(
-                    flow_info["flow"], flow_info["proxies"], flow_info["embeddings"],
-                    flow_info["labels"], out / PLOT_FILES["flow_samples"],
-                    classes=flow_info["classes"], proxies_per_class=k, seed=seed,
-                    samples=samples))
-
-    (out / "analysis.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    k = flow_info["proxies_per_class"]
+    samples = pl.sample_flow_around_proxies(flow_info["flow"], flow_info["proxies"],
+                                            flow_info["classes"], samples_per_class, k, seed)
+    result["flow_samples"] = pl.flow_sample_stats(
+        *samples, flow_info["embeddings"], flow_info["labels"], flow_info["proxies"], k)
+    result["flow_samples"].update(mechanism_metrics(flow_info, seed))
+    if plots:
+        result["plots"]["flow_samples"] = str(pl.plot_flow_samples(
+            flow_info["flow"], flow_info["proxies"], flow_info["embeddings"],
+            flow_info["labels"], out / PLOT_FILES["flow_samples"],
+            classes=flow_info["classes"], proxies_per_class=k, seed=seed, samples=samples))
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -12,6 +12,7 @@ never a stale one; entries are written atomically.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from torch import nn
 
 from nirdml.data.base import LabeledDataset, Splits
 from nirdml.errors import ConfigError
+from nirdml.files import atomic_write_bytes
 
 
 class FeatureDataset(LabeledDataset):
@@ -140,9 +142,9 @@ def cached_features(encoder: nn.Module, dataset: LabeledDataset, device: torch.d
         raise ConfigError(f"feature cache {str(folder)!r} is not writable ({exc.strerror}); "
                           f"set data.feature_cache to another folder") from None
     features = encode(encoder, dataset, device, batch_size, num_workers, progress)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
-    np.save(tmp, features)
-    tmp.replace(path)
+    buffer = io.BytesIO()
+    np.save(buffer, features)
+    atomic_write_bytes(path, buffer.getvalue())
     return FeatureDataset(np.load(path, mmap_mode="r"), dataset)
 
 

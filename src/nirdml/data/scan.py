@@ -25,6 +25,7 @@ from PIL import Image
 
 from nirdml.data.base import LabeledDataset, Splits
 from nirdml.errors import DatasetError
+from nirdml.files import atomic_write_text
 
 _JPEG_END = b"\xff\xd9"
 
@@ -81,9 +82,7 @@ def find_unreadable(paths: list[str], workers: int | None = None,
     if cache_path is not None:
         try:
             cache_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_path.with_name(f"{cache_path.stem}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(bad))
-            tmp.replace(cache_path)
+            atomic_write_text(cache_path, json.dumps(bad))
         except OSError:
             pass  # an unwritable cache only costs the next run another scan
     return bad

@@ -5,6 +5,7 @@
 variant is ``pooling="double"`` (average + max).
 """
 
+from nirdml.models import lite0  # noqa: F401 - registers efficientnet_lite0
 from nirdml.models.backbones import BACKBONES, BackboneSpec, ResNetTrunk, SmallCNN, TimmTrunk
 from nirdml.models.embedding import POOLINGS, EmbeddingModel, GlobalPool
 from nirdml.models.factory import build_model, list_backbones

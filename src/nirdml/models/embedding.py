@@ -7,8 +7,6 @@ builds the named backbones (ResNets, a small CNN, timm models) around it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -158,9 +156,6 @@ class EmbeddingModel(nn.Module):
         """All parameters outside the backbone (the Linear embedding head)."""
         backbone_ids = {id(p) for p in self.backbone.parameters()}
         return [p for p in self.parameters() if id(p) not in backbone_ids]
-
-    def named_backbone_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        return self.backbone.named_parameters(prefix="backbone")
 
     # ------------------------------------------------------------- freezing
     def freeze_backbone(self, frozen: bool = True) -> None:

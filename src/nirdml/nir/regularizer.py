@@ -75,6 +75,32 @@ def _choice(name: str, value, allowed: tuple) -> str:
     return value
 
 
+def _check_base_loss(base_loss: nn.Module) -> None:
+    for attr in ("proxies", "embedding_dim", "num_classes", "class_proxies", "param_groups"):
+        if not hasattr(base_loss, attr):
+            raise ConfigError(
+                f"NIR needs a proxy loss (a nirdml.losses.ProxyLoss); "
+                f"{type(base_loss).__name__} has no {attr!r}"
+            )
+
+
+def _check_options(*, mode, noise_kind, base_scale, nll_cap, warmup_epochs, negatives,
+                   **numbers) -> None:
+    """ConfigError naming the allowed values for any option out of range."""
+    _choice("mode", mode, NIR_MODES)
+    _choice("noise_kind", noise_kind, NOISE_KINDS)
+    _choice("base_scale", base_scale, BASE_SCALES)
+    for name, value in numbers.items():
+        value = float(value)
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"NIR {name} must be a finite number >= 0, got {value}")
+    for name, value, low in (("warmup_epochs", warmup_epochs, 0), ("negatives", negatives, 1)):
+        if isinstance(value, bool) or int(value) != value or value < low:
+            raise ConfigError(f"NIR {name} must be an integer >= {low}, got {value!r}")
+    if nll_cap is not None and not math.isfinite(float(nll_cap)):
+        raise ConfigError(f"nll_cap must be a finite number or None, got {nll_cap}")
+
+
 class NIRLoss(nn.Module):
     """A proxy loss plus the NIR regulariser, with the proxy-loss ``forward`` contract.
 
@@ -130,26 +156,11 @@ class NIRLoss(nn.Module):
         **flow_kwargs,
     ):
         super().__init__()
-        _choice("mode", mode, NIR_MODES)
-        _choice("noise_kind", noise_kind, NOISE_KINDS)
-        _choice("base_scale", base_scale, BASE_SCALES)
-        for attr in ("proxies", "embedding_dim", "num_classes", "class_proxies", "param_groups"):
-            if not hasattr(base_loss, attr):
-                raise ConfigError(
-                    f"NIR needs a proxy loss (a nirdml.losses.ProxyLoss); "
-                    f"{type(base_loss).__name__} has no {attr!r}"
-                )
-        numbers = {"weight": weight, "noise": noise, "nll_weight": nll_weight,
-                   "flow_lr_multiplier": flow_lr_multiplier}
-        for name, value in numbers.items():
-            value = float(value)
-            if not (math.isfinite(value) and value >= 0):
-                raise ConfigError(f"NIR {name} must be a finite number >= 0, got {value}")
-        for name, value, low in (("warmup_epochs", warmup_epochs, 0), ("negatives", negatives, 1)):
-            if isinstance(value, bool) or int(value) != value or value < low:
-                raise ConfigError(f"NIR {name} must be an integer >= {low}, got {value!r}")
-        if nll_cap is not None and not math.isfinite(float(nll_cap)):
-            raise ConfigError(f"nll_cap must be a finite number or None, got {nll_cap}")
+        _check_base_loss(base_loss)
+        _check_options(mode=mode, noise_kind=noise_kind, base_scale=base_scale, weight=weight,
+                       noise=noise, nll_weight=nll_weight,
+                       flow_lr_multiplier=flow_lr_multiplier, warmup_epochs=warmup_epochs,
+                       negatives=negatives, nll_cap=nll_cap)
         if flow is None:
             flow = ConditionalGlowFlow(base_loss.embedding_dim, **flow_kwargs)
         elif flow_kwargs:

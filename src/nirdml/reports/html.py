@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from nirdml.errors import ConfigError, NirdmlError
+from nirdml.training.run_dir import RunDir
 
 LOSS_PREFIX = "train/"
 EVAL_PREFIXES = ("val/", "test/")
@@ -43,24 +44,6 @@ class GridRow:
 
 
 # ------------------------------------------------------------------------------ readers
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` (unparseable lines are skipped)."""
-    records = []
-    if not path.is_file():
-        return records
-    for line in path.read_text(errors="replace").splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict):
-            records.append(rec)
-    return records
-
-
 def _read_json(path: Path) -> tuple[Any, str | None]:
     if not path.is_file():
         return None, f"{path.name} not found"
@@ -297,24 +280,25 @@ def build_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     from nirdml import __version__
     from nirdml.files import atomic_write_text
 
-    run = Path(run_dir)
-    if not (run / "metrics.jsonl").is_file():
-        raise ConfigError(f"{str(run)!r} is not a training run (no metrics.jsonl in it); pass "
-                          f"the --out folder of nirdml train")
+    run = RunDir(run_dir)
+    if not run.is_run():
+        raise ConfigError(f"{str(run.root)!r} is not a training run (no metrics.jsonl in "
+                          f"it); pass the --out folder of nirdml train")
     if k < 1 or num_queries < 1:
         raise ConfigError("k and the number of queries must be >= 1")
-    out = Path(out) if out is not None else run / "report.html"
-    ckpt = Path(checkpoint) if checkpoint else run / "checkpoints" / "best.pt"
-    parts = [f"<h1>nirdml run report: {html.escape(run.resolve().name)}</h1>",
-             f"<p>{html.escape(str(run.resolve()))} &middot; generated "
+    out = Path(out) if out is not None else run.report
+    ckpt = Path(checkpoint) if checkpoint else run.checkpoint("best.pt")
+    root = run.root.resolve()
+    parts = [f"<h1>nirdml run report: {html.escape(root.name)}</h1>",
+             f"<p>{html.escape(str(root))} &middot; generated "
              f"{time.strftime('%Y-%m-%d %H:%M')} by nirdml {html.escape(__version__)}</p>",
              _metrics_section(run),
              _grid_section(ckpt, grid, k, num_queries, device, data_root, seed),
-             _curves_section(read_metrics(run / "metrics.jsonl")),
+             _curves_section(run.records()),
              _analysis_section(run),
              _config_section(run)]
     page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>nirdml report: {html.escape(run.resolve().name)}</title>"
+            f"<title>nirdml report: {html.escape(root.name)}</title>"
             f"<style>{_CSS}</style><script>{_SCRIPT}</script></head>\n<body>\n"
             + "\n".join(parts) + "\n</body></html>\n")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -326,8 +310,8 @@ def _section(name: str, title: str, body: list[str]) -> str:
     return f'<section id="{name}"><h2>{html.escape(title)}</h2>' + "".join(body) + "</section>"
 
 
-def _metrics_section(run: Path) -> str:
-    final, problem = _read_json(run / "final.json")
+def _metrics_section(run: RunDir) -> str:
+    final, problem = _read_json(run.final)
     if not isinstance(final, dict):
         return _section("metrics", "Test metrics",
                         [_note(problem or "final.json does not hold a JSON object")])
@@ -373,14 +357,14 @@ ANALYSIS_HEADLINE = ("rho", "pi_density", "sigma2_kappa", "g2", "num_samples", "
                      "flow_samples.cos_between", "flow_samples.flow_drift")
 
 
-def _analysis_section(run: Path) -> str:
-    adir = run / "analysis"
+def _analysis_section(run: RunDir) -> str:
+    adir = run.analysis
     pngs = sorted(adir.glob("*.png")) if adir.is_dir() else []
     analysis, _ = _read_json(adir / "analysis.json")
     body = []
     if not pngs and analysis is None:
         body.append(_note(f"no diagnostics; run: nirdml analyze --checkpoint "
-                          f"{run / 'checkpoints' / 'best.pt'} --out {adir}"))
+                          f"{run.checkpoint('best.pt')} --out {adir}"))
     if isinstance(analysis, dict):
         flat = _flatten(analysis)
         body.append(_table({k: flat[k] for k in ANALYSIS_HEADLINE if k in flat}))
@@ -392,8 +376,8 @@ def _analysis_section(run: Path) -> str:
     return _section("analysis", "Structure diagnostics", body)
 
 
-def _config_section(run: Path) -> str:
-    cfg_path = run / "config.yaml"
+def _config_section(run: RunDir) -> str:
+    cfg_path = run.config
     if not cfg_path.is_file():
         return _section("config", "Configuration", [_note("config.yaml not found")])
     return _section("config", "Configuration", [

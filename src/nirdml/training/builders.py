@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from nirdml.devices import autocast, resolve_device  # noqa: F401 - used as builders.*
 from nirdml.embeddings import Embeddings, embed_dataset  # noqa: F401 - re-exported
-from nirdml.errors import ConfigError
 from nirdml.training.config import Config
 
 
@@ -20,19 +20,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available, else CPU; anything else is passed to torch."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"invalid value for train.device: {name!r} ({exc})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is available; use train.device=cpu")
-    return device
 
 
 def build_splits(cfg: Config):
@@ -188,16 +175,3 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer):
     if o.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.train.epochs)
     return None
-
-
-def autocast(device: torch.device, amp: str):
-    """Autocast context for ``amp`` in {none, bf16, fp16}; parameters are never cast."""
-    if amp == "none":
-        return torch.autocast(device_type=device.type, enabled=False)
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    if device.type == "cpu" and amp == "fp16":
-        raise ConfigError("train.amp=fp16 needs CUDA; use train.amp=bf16 or none on the CPU")
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-# the embedding container and loop live in nirdml.embeddings; training reaches them from here
