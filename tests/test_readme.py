@@ -36,9 +36,9 @@ def readme_blocks() -> list[tuple[str, str, str | None]]:
 
 
 def _synthetic_omniglot(root: Path) -> None:
-    """The official npz pair (bool, True = white background): 40 + 12 classes of 20 drawings."""
+    """The official npz pair (bool, True = white background): 56 + 12 classes of 20 drawings."""
     rng = np.random.default_rng(0)
-    for part, classes in (("images_background", 40), ("images_evaluation", 12)):
+    for part, classes in (("images_background", 56), ("images_evaluation", 12)):
         images = np.ones((classes, 20, 105, 105), dtype=bool)
         for c in range(classes):
             r, s = rng.integers(15, 90, 2)
