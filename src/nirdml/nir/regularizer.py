@@ -135,9 +135,13 @@ class NIRLoss(nn.Module):
         _choice("base_scale", base_scale, BASE_SCALES)
         for attr in ("proxies", "embedding_dim", "num_classes", "class_proxies", "param_groups"):
             if not hasattr(base_loss, attr):
+                from nirdml.losses import PROXY_LOSSES
+
                 raise ConfigError(
-                    f"NIR needs a proxy loss (a nirdml.losses.ProxyLoss); "
-                    f"{type(base_loss).__name__} has no {attr!r}"
+                    f"NIR needs class proxies to condition its flow on, but "
+                    f"{type(base_loss).__name__} has no {attr!r} (pair-based losses have no "
+                    f"proxies); use a proxy loss ({', '.join(PROXY_LOSSES)}) or turn NIR off "
+                    f"(loss.nir.enabled=false)"
                 )
         numbers = {"weight": weight, "noise": noise, "nll_weight": nll_weight,
                    "flow_lr_multiplier": flow_lr_multiplier}

@@ -269,13 +269,24 @@ class Config:
                 raise ConfigError(f"invalid value for {key}: must be {allowed}")
         if self.optim.scheduler == "multistep" and not self.optim.milestones:
             raise ConfigError("optim.milestones must list epochs when optim.scheduler=multistep")
-        from nirdml.losses import LOSSES  # late: keeps config importable on its own
+        from nirdml.losses import LOSSES, PROXY_LOSSES  # late: keeps config importable alone
 
         if self.loss.name not in LOSSES:
             raise ConfigError(
                 f"invalid value for loss.name: {self.loss.name!r}; "
                 f"allowed: {', '.join(LOSSES.names())}"
             )
+        if self.loss.name not in PROXY_LOSSES:
+            if self.loss.nir.enabled:
+                raise ConfigError(
+                    f"loss.nir.enabled=true needs class proxies to condition NIR's flow on, but "
+                    f"loss.name={self.loss.name!r} is a pair-based loss without proxies; use a "
+                    f"proxy loss ({', '.join(PROXY_LOSSES)}) or set loss.nir.enabled=false")
+            if self.loss.proxy_lr_multiplier is not None:
+                raise ConfigError(
+                    f"loss.proxy_lr_multiplier={self.loss.proxy_lr_multiplier:g} applies to "
+                    f"proxy losses, but loss.name={self.loss.name!r} has no proxies; set "
+                    f"loss.proxy_lr_multiplier=null")
 
 
 # ---- dict <-> dataclass helpers -------------------------------------------------------------
