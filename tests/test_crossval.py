@@ -175,3 +175,41 @@ def test_crossval_completes_resumes_after_an_interruption_and_reuses_finished_fo
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "trained with another config" in err
     assert "optim.lr" in err
+
+
+def _benchmark():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "baselines.py"
+    spec = importlib.util.spec_from_file_location("baselines_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_loss_has_an_omniglot_config_in_the_benchmark():
+    from nirdml.losses import LOSSES
+    from nirdml.training.config import load_config
+
+    bench = _benchmark()
+    assert sorted(bench.CONFIGS) == LOSSES.names()
+    for loss, name in bench.CONFIGS.items():
+        cfg = load_config(name)
+        assert cfg.loss.name == loss and cfg.data.name == "omniglot"
+        assert not cfg.loss.nir.enabled and cfg.train.select_on == "val"
+        assert (cfg.data.batch_size, cfg.data.samples_per_class, cfg.optim.lr) == (90, 2, 1e-3)
+
+
+@pytest.mark.slow
+def test_baselines_benchmark_runs_the_protocol_and_writes_its_table(tmp_path, cache, capsys):
+    bench = _benchmark()
+    out = tmp_path / "bench"
+    assert bench.main(["--digits", "--losses", "triplet", "norm_softmax", "--epochs", "1",
+                       "--seeds", "0", "1", "--folds", "2", "--out", str(out)]) == 0
+    table = (out / "results.md").read_text()
+    assert "| triplet |" in table and "| norm_softmax |" in table and "R@1 concat." in table
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["seeds"] for r in rows] == [2, 2]
+    summary = json.loads((out / "runs/triplet-seed1/crossval.json").read_text())
+    assert summary["seed"] == 1 and len(summary["fold_runs"]) == 2
