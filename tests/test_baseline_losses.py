@@ -457,3 +457,14 @@ def test_the_trainer_builds_an_optimiser_for_losses_without_proxies(name):
     assert set(names) == {"backbone", "head"} | ({"beta"} if name == "margin" else set())
     if name == "margin":
         assert optimizer.param_groups[-1]["params"] == [criterion.beta]
+
+
+def test_triplet_mining_in_blocks_equals_one_pass(monkeypatch):
+    import nirdml.losses.triplet as triplet
+
+    emb, labels = _batch(7, spread=1.0)
+    dist = pairwise_distance(emb)
+    whole = triplet.mine_triplets(dist, labels, 0.2)
+    monkeypatch.setattr(triplet, "_BLOCK_ENTRIES", 3 * len(labels) ** 2)  # blocks of 3 anchors
+    blocks = triplet.mine_triplets(dist, labels, 0.2)
+    assert len(whole[0]) > 0 and all(torch.equal(u, v) for u, v in zip(whole, blocks))

@@ -253,7 +253,7 @@ def _what_counts(cfg: Config) -> dict[str, Any]:
     return data
 
 
-def _import_optuna():
+def require_optuna():
     try:
         import optuna
     except ImportError:
@@ -361,7 +361,7 @@ def tune(cfg: Config, space: dict[str, Param], trials: int, out: str | Path, fol
          log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run (or continue) the search until the study has ``trials`` complete trials; returns the
     summary written to ``out/tune.json`` (module docstring)."""
-    optuna = _import_optuna()
+    optuna = require_optuna()
     from optuna.trial import TrialState
 
     from nirdml.training.trainer import Interrupted

@@ -42,9 +42,9 @@ def run(args: argparse.Namespace) -> int:
     from nirdml.crossval import print_log
     from nirdml.training.config import load_config
     from nirdml.training.trainer import Interrupted
-    from nirdml.tune import _import_optuna, load_space, tune
+    from nirdml.tune import load_space, require_optuna, tune
 
-    _import_optuna()  # the missing extra first, before any other work
+    require_optuna()  # the missing extra first, before any other work
     cfg = load_config(args.config, args.overrides)
     space = load_space(args.space)
     try:

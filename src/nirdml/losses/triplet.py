@@ -29,17 +29,29 @@ from nirdml.losses.pairs import PairLoss, pair_masks, pairwise_distance
 MINING = ("semihard", "all")
 
 
+#: anchors per block of the (anchors, B, B) candidate tensor: about 2^24 entries at a time
+_BLOCK_ENTRIES = 1 << 24
+
+
 def mine_triplets(dist: Tensor, labels: Tensor, margin: float, mining: str = "semihard"
                   ) -> tuple[Tensor, Tensor, Tensor]:
-    """Indices ``(a, p, n)`` of the triplets that ``mining`` keeps (module docstring)."""
+    """Indices ``(a, p, n)`` of the triplets that ``mining`` keeps (module docstring), in
+    lexicographic order; the ``B^3`` candidates are scanned in blocks of anchors."""
     pos, neg = pair_masks(labels)
+    batch = len(labels)
+    step = max(1, _BLOCK_ENTRIES // max(batch * batch, 1))
+    found = []
     with torch.no_grad():
-        gap = dist[:, None, :] - dist[:, :, None]  # gap[a, p, n] = D_an - D_ap
-        keep = pos[:, :, None] & neg[:, None, :] & (gap <= margin)
-        if mining == "semihard":
-            keep &= gap > 0
-        a, p, n = keep.nonzero(as_tuple=True)
-    return a, p, n
+        for start in range(0, batch, step):
+            d = dist[start:start + step]
+            gap = d[:, None, :] - d[:, :, None]  # gap[a, p, n] = D_an - D_ap
+            keep = pos[start:start + step, :, None] & neg[start:start + step, None, :]
+            keep &= gap <= margin
+            if mining == "semihard":
+                keep &= gap > 0
+            a, p, n = keep.nonzero(as_tuple=True)
+            found.append((a + start, p, n))
+    return tuple(torch.cat(parts) for parts in zip(*found))
 
 
 class TripletLoss(PairLoss):
