@@ -166,3 +166,27 @@ def test_tune_survives_an_interruption_and_its_best_config_reproduces_its_score(
         assert (node[name] if isinstance(node, dict) else getattr(node, name)) == value
     again = crossval(cfg, 2, tmp_path / "again", ensemble=False)
     assert again["val"]["mean"]["recall@1"] == pytest.approx(best.value, rel=1e-12)
+
+
+def test_stopped_trials_are_retried_once_and_failed_ones_not():
+    optuna = pytest.importorskip("optuna")
+    from nirdml.tune import retry_stopped_trials
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.create_study(direction="maximize")
+    for failure in (None, "interrupted", "TrainingError: 20 consecutive steps"):
+        trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+        if failure is not None:  # None: a process killed outright, failed by the heartbeat
+            trial.set_user_attr("failure", failure)
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    assert retry_stopped_trials(study) == [0, 1]
+    assert retry_stopped_trials(study) == []  # once
+    waiting = [t for t in study.trials if t.state.name == "WAITING"]
+    assert [t.user_attrs["retry_of"] for t in waiting] == [0, 1]
+    assert [t.system_attrs["fixed_params"] for t in waiting] == [study.trials[0].params,
+                                                                 study.trials[1].params]
+    # a parameter set already waiting (or running, or done) is not queued twice
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    study.enqueue_trial(trial.params)
+    assert retry_stopped_trials(study) == []

@@ -294,8 +294,9 @@ def retry_stopped_trials(study) -> list[int]:
 
     trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs.get("retry_of") for t in trials}
-    done = [t.params for t in trials if t.state in (TrialState.COMPLETE, TrialState.RUNNING,
-                                                   TrialState.WAITING)]
+    # an enqueued (WAITING) trial holds its parameters as fixed_params until it runs
+    done = [t.params or t.system_attrs.get("fixed_params", {}) for t in trials
+            if t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)]
     now = []
     for t in trials:
         failure = t.user_attrs.get("failure")
@@ -418,6 +419,10 @@ def tune(cfg: Config, space: dict[str, Param], trials: int, out: str | Path, fol
 
     def after_trial(study, _trial) -> None:
         write_outputs(study, cfg, out, folds)
+        # a parallel process killed outright: its trial, failed by the heartbeat, runs again
+        again = retry_stopped_trials(study)
+        if again and log:
+            log(f"retrying stopped trial(s) {', '.join(map(str, again))}")
 
     def complete() -> int:
         return sum(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
