@@ -42,7 +42,7 @@ def test_overrides_parse_types():
         ("train.epochs=abc", ["train.epochs", "integer"]),
         ("train.epochs=0", ["train.epochs", ">= 1"]),
         ("data.batch_size=91", ["data.batch_size", "multiple"]),
-        ("loss.name=arcface", ["loss.name", "proxy_anchor"]),
+        ("loss.name=sphereface", ["loss.name", "proxy_anchor"]),
         ("optim.lr", ["key.sub=value"]),
         ("loss.nir.mode=flowy", ["loss.nir.mode", "'selfnorm'", "'disc'"]),
         ("loss.nir.noise=-0.1", ["loss.nir.noise", ">= 0"]),

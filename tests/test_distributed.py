@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from nirdml.losses import ProxyAnchorLoss
+from nirdml.losses import ProxyAnchorLoss, build_loss
 from nirdml.models import build_model
 from nirdml.nir import NIRLoss
 from nirdml.training.distributed import DistContext
@@ -26,11 +26,17 @@ def _rendezvous_store():
     return torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
 
 
-def _build(seed=0):
+def _build(seed=0, loss="nir"):
     torch.manual_seed(seed)
     model = build_model("small_cnn", embedding_dim=8, in_chans=1).double().eval()
-    crit = NIRLoss(ProxyAnchorLoss(6, 8), weight=0.5, num_blocks=2, subnet_depth=2,
-                   subnet_width=16).double()
+    if loss == "nir":
+        crit = NIRLoss(ProxyAnchorLoss(6, 8), weight=0.5, num_blocks=2, subnet_depth=2,
+                       subnet_width=16).double()
+    else:  # pair losses: contrastive has no parameter, margin its beta (and random sampling,
+        # the same draws on every rank: they share the seed)
+        crit = build_loss(loss, 6, 8, class_specific_beta=True) if loss == "margin" \
+            else build_loss(loss, 6, 8)
+        crit = crit.double()
     return model, crit
 
 
@@ -49,13 +55,13 @@ def _grads(model, crit):
     return out
 
 
-def _worker(rank, world, port, out_path):
+def _worker(rank, world, port, out_path, loss="nir"):
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       TORCHELASTIC_USE_AGENT_STORE="True", TORCHELASTIC_RESTART_COUNT="0")
     torch.set_num_threads(1)
     ctx = DistContext.from_env()
-    model, crit = _build()
+    model, crit = _build(loss=loss)
     ddp_model, ddp_crit = ctx.wrap_model(model), ctx.wrap_criterion(crit)
     x, y = _batch()
     local = slice(rank * 4, (rank + 1) * 4)
@@ -66,20 +72,24 @@ def _worker(rank, world, port, out_path):
     ctx.end_process(0)  # as the train command ends
 
 
-def test_two_process_gradients_equal_single_process(tmp_path):
+@pytest.mark.parametrize("loss", ["nir", "contrastive", "margin"])
+def test_two_process_gradients_equal_single_process(tmp_path, loss):
     out = tmp_path / "ddp.pt"
     store = _rendezvous_store()
-    mp.spawn(_worker, args=(2, store.port, str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, store.port, str(out), loss), nprocs=2, join=True)
     got = torch.load(out)
-    model, crit = _build()
+    model, crit = _build(loss=loss)
     x, y = _batch()
-    loss = crit(model(x), y)
-    loss.backward()
+    loss_value = crit(model(x), y)
+    loss_value.backward()
     want = _grads(model, crit)
-    assert torch.allclose(got["loss"], loss.detach(), rtol=1e-10, atol=0)
+    assert torch.allclose(got["loss"], loss_value.detach(), rtol=1e-10, atol=0)
     assert got["grads"].keys() == want.keys()
-    assert any(k.startswith("crit.flow") for k in want)
-    assert any(k.startswith("crit.base_loss.proxies") for k in want)
+    if loss == "nir":
+        assert any(k.startswith("crit.flow") for k in want)
+        assert any(k.startswith("crit.base_loss.proxies") for k in want)
+    elif loss == "margin":
+        assert "crit.beta" in want
     for k in want:
         torch.testing.assert_close(got["grads"][k], want[k], rtol=1e-6, atol=1e-9, msg=k)
 

@@ -223,7 +223,8 @@ NAMES = ["proxy_anchor", "proxy_nca", "soft_triple", "norm_softmax"]
 
 
 def test_registry_and_build():
-    assert LOSSES.names() == sorted(NAMES)
+    # the proxy losses here; the pair-based and margin-softmax ones in test_baseline_losses.py
+    assert set(NAMES) <= set(LOSSES.names())
     loss = build_loss("soft_triple", C, D, centers_per_class=2, la=None)
     assert isinstance(loss, SoftTripleLoss) and loss.la == 20.0
     with pytest.raises(ConfigError, match="unknown loss"):

@@ -15,7 +15,8 @@ import sys
 from nirdml import __version__
 from nirdml.errors import NirdmlError
 
-COMMANDS = ("train", "evaluate", "embed", "analyze", "index", "search", "export", "report")
+COMMANDS = ("train", "crossval", "tune", "evaluate", "embed", "analyze", "index", "search",
+            "export", "report")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

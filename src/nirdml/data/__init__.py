@@ -14,8 +14,10 @@ from nirdml.data.base import (
     FileDataset,
     LabeledDataset,
     Splits,
+    class_folds,
     encode_labels,
     hold_out_classes,
+    hold_out_fold,
     to_float_tensor,
 )
 from nirdml.data.datasets import DATASETS, IMAGE_EXTENSIONS, default_root, load_splits
@@ -32,10 +34,12 @@ __all__ = [
     "LabeledDataset",
     "Splits",
     "build_transforms",
+    "class_folds",
     "default_root",
     "download_file",
     "encode_labels",
     "hold_out_classes",
+    "hold_out_fold",
     "load_splits",
     "sha256_of",
     "to_float_tensor",

@@ -340,3 +340,35 @@ def hold_out_classes(dataset: LabeledDataset, val_fraction: float, seed: int = 0
     base = dataset.name.rsplit("/", 1)[0] if "/" in dataset.name else dataset.name
     return (dataset.select(np.flatnonzero(~in_val), name=f"{base}/train"),
             dataset.select(np.flatnonzero(in_val), name=f"{base}/val"))
+
+
+def class_folds(num_classes: int, folds: int, seed: int = 0) -> list[np.ndarray]:
+    """Split the labels ``0..num_classes-1`` into ``folds`` class-disjoint folds.
+
+    A seeded permutation (``numpy.random.default_rng([seed, 4321])``) dealt into ``folds`` parts
+    whose sizes differ by at most one; each fold is sorted. Every class is in exactly one fold.
+    """
+    folds = int(folds)
+    if folds < 2:
+        raise ConfigError(f"cross-validation needs at least 2 folds, got {folds}")
+    if folds > num_classes:
+        raise ConfigError(f"{folds} folds need at least {folds} training classes, but there are "
+                          f"{num_classes}; use fewer folds")
+    order = np.random.default_rng([seed, 4321]).permutation(num_classes)
+    return [np.sort(part) for part in np.array_split(order, folds)]
+
+
+def hold_out_fold(dataset: LabeledDataset, folds: int, fold: int, seed: int = 0
+                  ) -> tuple[LabeledDataset, LabeledDataset]:
+    """``(train, val)`` of cross-validation fold ``fold`` of ``folds``: ``val`` holds the
+    classes of that fold (:func:`class_folds` over ``dataset``'s classes), ``train`` the
+    others; both relabelled 0..C-1."""
+    parts = class_folds(dataset.num_classes, folds, seed)
+    if not 0 <= fold < len(parts):
+        raise ConfigError(f"fold must be in [0, {len(parts)}), got {fold}")
+    in_val = np.zeros(dataset.num_classes, dtype=bool)
+    in_val[parts[fold]] = True
+    rows = in_val[dataset.labels]
+    base = dataset.name.rsplit("/", 1)[0] if "/" in dataset.name else dataset.name
+    return (dataset.select(np.flatnonzero(~rows), name=f"{base}/train"),
+            dataset.select(np.flatnonzero(rows), name=f"{base}/val"))

@@ -1,9 +1,14 @@
-"""``ProxyLoss``: the base class of every proxy-based loss (validation, dtype policy, groups).
+"""``MetricLoss``, the base class of every loss, and ``ProxyLoss``, that of the proxy losses.
 
 Subclasses implement ``_compute(embeddings, labels) -> (total, terms)`` on validated inputs.
 The base ``forward`` checks the inputs, turns autocast off and computes in at least float32
-(half/bfloat16 inputs are upcast, float64 stays float64), and stores the detached sub-terms
-in ``last_terms`` (always with the key ``"proxy"`` for the total).
+(half/bfloat16 inputs are upcast, float64 stays float64; a loss with float64 parameters
+computes in float64), and stores the detached sub-terms in ``last_terms`` (always with the key
+``"proxy"`` for the total, the key the trainer and NIR read whatever the loss).
+
+``MetricLoss`` has no proxies (the pair-based losses: contrastive, triplet, multi-similarity,
+margin); ``ProxyLoss`` adds ``proxies``, ``class_proxies`` (what NIR conditions on) and the
+proxy learning-rate multiplier.
 """
 
 from __future__ import annotations
@@ -30,18 +35,15 @@ def _autocast_off(device: torch.device):
         return contextlib.nullcontext()
 
 
-class ProxyLoss(nn.Module):
-    """Base of proxy losses; ``proxies`` has shape ``(num_classes * k, embedding_dim)``."""
+class MetricLoss(nn.Module):
+    """Base of every loss: ``forward(embeddings, labels) -> scalar``, ``last_terms``, input
+    validation (``InputError``), the dtype/autocast policy and ``param_groups``.
 
-    proxy_lr_multiplier: float = DEFAULT_PROXY_LR_MULTIPLIER
+    ``num_classes`` is the number of training classes (labels must lie in ``[0,
+    num_classes)``); ``embedding_dim`` the embedding size the loss accepts.
+    """
 
-    def __init__(
-        self,
-        num_classes: int,
-        embedding_dim: int,
-        proxy_lr_multiplier=None,
-        proxies_per_class: int = 1,
-    ):
+    def __init__(self, num_classes: int, embedding_dim: int):
         super().__init__()
         if int(num_classes) < 1 or int(embedding_dim) < 1:
             raise ConfigError(
@@ -49,12 +51,6 @@ class ProxyLoss(nn.Module):
             )
         self.num_classes = int(num_classes)
         self.embedding_dim = int(embedding_dim)
-        self.proxies_per_class = int(proxies_per_class)
-        if proxy_lr_multiplier is not None:
-            self.proxy_lr_multiplier = float(proxy_lr_multiplier)
-        n = self.num_classes * self.proxies_per_class
-        # N(0, 1) / 8, as in the NIR release.
-        self.proxies = nn.Parameter(torch.randn(n, self.embedding_dim) / 8.0)
         self.last_terms: dict[str, Tensor] = {}
 
     # ----------------------------------------------------------------- validation
@@ -97,11 +93,19 @@ class ProxyLoss(nn.Module):
         return labels
 
     # ----------------------------------------------------------------- forward
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        labels = self._check_inputs(embeddings, labels)
-        dtype = torch.promote_types(embeddings.dtype, self.proxies.dtype)
+    def _compute_dtype(self, embeddings: Tensor) -> torch.dtype:
+        """The embeddings' dtype promoted with the loss's parameters', at least float32."""
+        dtype = embeddings.dtype
+        for p in self.parameters():
+            if p.dtype.is_floating_point:
+                dtype = torch.promote_types(dtype, p.dtype)
         if dtype in (torch.float16, torch.bfloat16):
             dtype = torch.float32
+        return dtype
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        labels = self._check_inputs(embeddings, labels)
+        dtype = self._compute_dtype(embeddings)
         with _autocast_off(embeddings.device):
             total, terms = self._compute(embeddings.to(dtype), labels)
         self.last_terms = {"proxy": total.detach(), **{k: v.detach() for k, v in terms.items()}}
@@ -109,6 +113,38 @@ class ProxyLoss(nn.Module):
 
     def _compute(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
+
+    def param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict]:
+        """Optimizer groups of the loss's own parameters (none for most pair losses)."""
+        params = list(self.parameters())
+        if not params:
+            return []
+        return [{"name": "loss_params", "params": params, "lr": lr,
+                 "weight_decay": weight_decay}]
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}"
+
+
+class ProxyLoss(MetricLoss):
+    """Base of proxy losses; ``proxies`` has shape ``(num_classes * k, embedding_dim)``."""
+
+    proxy_lr_multiplier: float = DEFAULT_PROXY_LR_MULTIPLIER
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_dim: int,
+        proxy_lr_multiplier=None,
+        proxies_per_class: int = 1,
+    ):
+        super().__init__(num_classes, embedding_dim)
+        self.proxies_per_class = int(proxies_per_class)
+        if proxy_lr_multiplier is not None:
+            self.proxy_lr_multiplier = float(proxy_lr_multiplier)
+        n = self.num_classes * self.proxies_per_class
+        # N(0, 1) / 8, as in the NIR release.
+        self.proxies = nn.Parameter(torch.randn(n, self.embedding_dim) / 8.0)
 
     # ----------------------------------------------------------------- helpers
     def _normalized_proxies(self, dtype: torch.dtype) -> Tensor:

@@ -78,9 +78,13 @@ def _choice(name: str, value, allowed: tuple) -> str:
 def _check_base_loss(base_loss: nn.Module) -> None:
     for attr in ("proxies", "embedding_dim", "num_classes", "class_proxies", "param_groups"):
         if not hasattr(base_loss, attr):
+            from nirdml.losses import PROXY_LOSSES
+
             raise ConfigError(
-                f"NIR needs a proxy loss (a nirdml.losses.ProxyLoss); "
-                f"{type(base_loss).__name__} has no {attr!r}"
+                f"NIR needs class proxies to condition its flow on, but "
+                f"{type(base_loss).__name__} has no {attr!r} (pair-based losses have no "
+                f"proxies); use a proxy loss ({', '.join(PROXY_LOSSES)}) or turn NIR off "
+                f"(loss.nir.enabled=false)"
             )
 
 

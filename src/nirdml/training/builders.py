@@ -34,6 +34,8 @@ def build_splits(cfg: Config):
         val_fraction=cfg.data.val_fraction,
         seed=cfg.seed,
         on_error=cfg.data.on_error,
+        folds=cfg.data.folds,
+        fold=cfg.data.fold,
         **cfg.data.options,
     )
     # unreadable files: found now (not mid-training), dropped or fatal, never substituted
@@ -79,8 +81,10 @@ def build_feature_splits(cfg: Config, model: nn.Module, splits, device: torch.de
     model_cfg = dataclasses.asdict(cfg.model)
     for key in ("embedding_dim", "head_hidden", "frozen_backbone", "freeze_bn"):
         model_cfg.pop(key)  # the head does not change the features
-    description = {"data": {k: getattr(cfg.data, k) for k in
-                            ("name", "root", "options", "image_size", "val_fraction")},
+    data_keys = ["name", "root", "options", "image_size", "val_fraction"]
+    if cfg.data.folds:  # only then: keeps the cache keys of runs without folds
+        data_keys += ["folds", "fold"]
+    description = {"data": {k: getattr(cfg.data, k) for k in data_keys},
                    "seed": cfg.seed, "model": model_cfg}
     is_main = dist is None or dist.is_main
 

@@ -29,12 +29,16 @@ class DataConfig:
     ``augment``: random augmentation of the training images (``false``: the evaluation
     transform for training too). ``feature_cache``: folder of cached backbone features
     (``model.frozen_backbone``); default ``$NIRDML_CACHE/features`` or
-    ``~/.cache/nirdml/features``.
+    ``~/.cache/nirdml/features``. ``folds``/``fold``: cross-validation (``nirdml crossval``):
+    with ``folds >= 2`` the training classes are split into ``folds`` seeded, class-disjoint
+    folds and fold number ``fold`` is the validation split (``val_fraction`` is then unused).
     """
 
     name: str = "cub200"
     root: str | None = None
     val_fraction: float = 0.1
+    folds: int = 0
+    fold: int = 0
     image_size: int | None = None
     augment: bool = True
     on_error: Literal["skip", "fail"] = "skip"
@@ -269,13 +273,30 @@ class Config:
                 raise ConfigError(f"invalid value for {key}: must be {allowed}")
         if self.optim.scheduler == "multistep" and not self.optim.milestones:
             raise ConfigError("optim.milestones must list epochs when optim.scheduler=multistep")
-        from nirdml.losses import LOSSES  # late: keeps config importable on its own
+        from nirdml.losses import LOSSES, PROXY_LOSSES  # late: keeps config importable alone
 
         if self.loss.name not in LOSSES:
             raise ConfigError(
                 f"invalid value for loss.name: {self.loss.name!r}; "
                 f"allowed: {', '.join(LOSSES.names())}"
             )
+        if self.loss.name not in PROXY_LOSSES:
+            if self.loss.nir.enabled:
+                raise ConfigError(
+                    f"loss.nir.enabled=true needs class proxies to condition NIR's flow on, but "
+                    f"loss.name={self.loss.name!r} is a pair-based loss without proxies; use a "
+                    f"proxy loss ({', '.join(PROXY_LOSSES)}) or set loss.nir.enabled=false")
+            if self.loss.proxy_lr_multiplier is not None:
+                raise ConfigError(
+                    f"loss.proxy_lr_multiplier={self.loss.proxy_lr_multiplier:g} applies to "
+                    f"proxy losses, but loss.name={self.loss.name!r} has no proxies; set "
+                    f"loss.proxy_lr_multiplier=null")
+        if self.data.folds == 1 or self.data.folds < 0:
+            raise ConfigError("invalid value for data.folds: must be 0 (no cross-validation: "
+                              "data.val_fraction holds out the validation classes) or >= 2")
+        if self.data.folds and not 0 <= self.data.fold < self.data.folds:
+            raise ConfigError(f"invalid value for data.fold: must be in [0, data.folds="
+                              f"{self.data.folds}), got {self.data.fold}")
 
 
 # ---- dict <-> dataclass helpers -------------------------------------------------------------

@@ -127,6 +127,10 @@ class DistContext:
     def wrap_criterion(self, criterion: nn.Module) -> nn.Module:
         if not self.enabled:
             return criterion
+        if not any(p.requires_grad for p in criterion.parameters()):
+            # a pair-based loss without parameters: nothing to synchronise (and DDP refuses
+            # a module without trainable parameters); the embeddings are still gathered
+            return GlobalBatchCriterion(criterion)
         ids = [self.device.index] if self.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(GlobalBatchCriterion(criterion),
                                                    device_ids=ids)

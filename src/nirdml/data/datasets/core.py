@@ -21,6 +21,7 @@ from nirdml.data.base import (
     FileDataset,
     Splits,
     hold_out_classes,
+    hold_out_fold,
     num_held_out,
 )
 from nirdml.errors import ConfigError, DatasetError
@@ -42,12 +43,16 @@ OFFICIAL_PAGES = {
 
 
 def load_splits(name: str, root: str | os.PathLike | None = None, val_fraction: float = 0.1,
-                seed: int = 0, on_error: str = "skip", **options: Any) -> Splits:
+                seed: int = 0, on_error: str = "skip", folds: int = 0, fold: int = 0,
+                **options: Any) -> Splits:
     """Load dataset ``name`` as class-disjoint ``train``/``val``/``test`` :class:`Splits`.
 
     ``val`` holds out ``val_fraction`` of the *training classes* (a seeded random choice, at
     least one class when ``val_fraction > 0``; ``None`` when it is 0), unless the layout
-    brings its own validation split (the CSV layout's ``validation`` rows). ``options`` go to
+    brings its own validation split (the CSV layout's ``validation`` rows). With ``folds >=
+    2`` (cross-validation) ``val`` is instead fold ``fold`` of the training classes split into
+    ``folds`` seeded class-disjoint folds (``nirdml.data.base.class_folds``; ``val_fraction``
+    unused; a layout with its own validation split is refused). ``options`` go to
     the dataset's loader (``None`` values are dropped); see ``DATASETS.names()`` and each
     loader's docstring.
     """
@@ -64,7 +69,13 @@ def load_splits(name: str, root: str | os.PathLike | None = None, val_fraction: 
                           f"it takes: {', '.join(takes) or 'none'}")
     root_path = None if root is None else Path(root).expanduser()
     splits = loader(root=root_path, seed=seed, on_error=on_error, **options)
-    if splits.val is None and val_fraction > 0:
+    if folds:
+        if splits.val is not None:
+            raise ConfigError(f"{name}: the layout brings its own validation split, so its "
+                              f"training classes cannot be cross-validated (data.folds="
+                              f"{folds}); merge the validation rows into the training split")
+        splits.train, splits.val = hold_out_fold(splits.train, folds, fold, seed)
+    elif splits.val is None and val_fraction > 0:
         splits.train, splits.val = hold_out_classes(splits.train, val_fraction, seed)
     for split in ("train", "test"):
         if len(getattr(splits, split)) == 0:

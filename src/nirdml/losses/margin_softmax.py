@@ -1,0 +1,163 @@
+"""Additive-margin softmax losses: ArcFace, CosFace and Sub-center ArcFace.
+
+Each class c has a weight vector ``w_c`` (the proxy, so NIR can wrap these losses); with
+``cos theta_ic`` the cosine between embedding i and ``w_c``, scale s and margin m, the loss is
+the softmax cross-entropy over the scaled logits with the margin on the own class only:
+
+    L = -1/B sum_i log [ exp(s psi(theta_{i y_i})) /
+                         (exp(s psi(theta_{i y_i})) + sum_{c != y_i} exp(s cos theta_ic)) ]
+
+* ArcFace (Deng et al., "ArcFace: Additive Angular Margin Loss for Deep Face Recognition",
+  CVPR 2019): ``psi(theta) = cos(theta + m)`` while ``theta <= pi - m``, continued as
+  ``cos theta - m sin m`` beyond, so the target logit keeps decreasing in theta (s = 64,
+  m = 0.5 rad).
+* CosFace (Wang et al., "CosFace: Large Margin Cosine Loss for Deep Face Recognition", CVPR
+  2018): ``psi(theta) = cos theta - m`` (s = 64, m = 0.35).
+* Sub-center ArcFace (Deng et al., "Sub-center ArcFace: Boosting Face Recognition by
+  Large-Scale Noisy Web Faces", ECCV 2020): K sub-centres per class, ``cos theta_ic =
+  max_k cos(e_i, w_c^k)``, then ArcFace (K = 3).
+
+``cos(theta + m)`` is computed as ``cos theta cos m - sin theta sin m`` with ``sin theta =
+sqrt(1 - cos^2 theta)`` floored at 1e-6 (instead of ``acos``): the same values, and finite
+gradients when an embedding coincides with its class weight.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from nirdml.errors import ConfigError
+from nirdml.losses.base import ProxyLoss
+
+_SIN_FLOOR_SQUARED = 1e-12
+
+
+def arcface_logit(cos: Tensor, margin: float) -> Tensor:
+    """ArcFace's target logit ``psi(theta)`` (before scaling) of cosines ``cos``."""
+    cos = cos.clamp(-1.0, 1.0)
+    sin = torch.sqrt((1.0 - cos * cos).clamp(min=_SIN_FLOOR_SQUARED))
+    shifted = cos * math.cos(margin) - sin * math.sin(margin)
+    # theta <= pi - m  <=>  cos theta >= cos(pi - m) = -cos m
+    return torch.where(cos >= -math.cos(margin), shifted, cos - margin * math.sin(margin))
+
+
+class _MarginSoftmaxLoss(ProxyLoss):
+    """Cross-entropy over ``s * cos`` with the own class's cosine replaced by ``psi``."""
+
+    def __init__(self, num_classes: int, embedding_dim: int, scale: float, margin: float,
+                 proxy_lr_multiplier: float | None = None, proxies_per_class: int = 1):
+        if not scale > 0:
+            raise ConfigError(f"scale must be > 0, got {scale}")
+        if not 0 <= margin < math.pi / 2:
+            raise ConfigError(f"margin must be in [0, pi/2), got {margin}")
+        super().__init__(num_classes, embedding_dim, proxy_lr_multiplier,
+                         proxies_per_class=proxies_per_class)
+        self.scale = float(scale)
+        self.margin = float(margin)
+
+    def _class_cosine(self, embeddings: Tensor) -> Tensor:
+        """(B, C) cosine of each embedding to each class."""
+        return self._cosine(embeddings)
+
+    def _target_logit(self, cos: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _compute(self, embeddings: Tensor, labels: Tensor):
+        cos = self._class_cosine(embeddings)
+        rows = torch.arange(len(labels), device=labels.device)
+        target = cos[rows, labels]
+        logits = cos.index_put((rows, labels), self._target_logit(target))
+        return F.cross_entropy(self.scale * logits, labels), {}
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, scale={self.scale:g}, margin={self.margin:g}"
+
+
+class ArcFaceLoss(_MarginSoftmaxLoss):
+    """ArcFace (module docstring).
+
+    Args:
+        scale: s (64; 16-32 suit small embeddings and few classes better).
+        margin: m in radians (0.5).
+        proxy_lr_multiplier: the class weights' lr multiplier (default 2000, see
+            ``nirdml.losses.base``).
+
+    ``last_terms``: ``proxy``.
+    """
+
+    def __init__(self, num_classes: int, embedding_dim: int, scale: float = 64.0,
+                 margin: float = 0.5, proxy_lr_multiplier: float | None = None):
+        super().__init__(num_classes, embedding_dim, scale, margin, proxy_lr_multiplier)
+
+    def _target_logit(self, cos: Tensor) -> Tensor:
+        return arcface_logit(cos, self.margin)
+
+
+class CosFaceLoss(_MarginSoftmaxLoss):
+    """CosFace / large margin cosine loss (module docstring).
+
+    Args:
+        scale: s (64).
+        margin: m (0.35), subtracted from the own class's cosine.
+        proxy_lr_multiplier: the class weights' lr multiplier (default 2000).
+
+    ``last_terms``: ``proxy``.
+    """
+
+    def __init__(self, num_classes: int, embedding_dim: int, scale: float = 64.0,
+                 margin: float = 0.35, proxy_lr_multiplier: float | None = None):
+        super().__init__(num_classes, embedding_dim, scale, margin, proxy_lr_multiplier)
+
+    def _target_logit(self, cos: Tensor) -> Tensor:
+        return cos - self.margin
+
+
+class SubCenterArcFaceLoss(_MarginSoftmaxLoss):
+    """Sub-center ArcFace: ``sub_centers`` weight vectors per class, a class's cosine is the
+    best of them (module docstring).
+
+    Args:
+        sub_centers: K (3).
+        scale, margin: as ArcFace (64, 0.5).
+        proxy_lr_multiplier: the class weights' lr multiplier (default 2000).
+
+    Sub-centres are stored class-major (rows ``c*K .. c*K+K-1`` of ``proxies``).
+    ``class_proxies`` returns each sample's nearest sub-centre of its own class, as
+    SoftTriple does (the choice carries no gradient, the chosen sub-centre does).
+    ``last_terms``: ``proxy``.
+    """
+
+    def __init__(self, num_classes: int, embedding_dim: int, sub_centers: int = 3,
+                 scale: float = 64.0, margin: float = 0.5,
+                 proxy_lr_multiplier: float | None = None):
+        if int(sub_centers) < 1:
+            raise ConfigError(f"sub_centers must be >= 1, got {sub_centers}")
+        super().__init__(num_classes, embedding_dim, scale, margin, proxy_lr_multiplier,
+                         proxies_per_class=int(sub_centers))
+        self.sub_centers = int(sub_centers)
+
+    def _centre_cosines(self, embeddings: Tensor) -> Tensor:
+        """(B, C, K) cosine of each sample to every sub-centre."""
+        return self._cosine(embeddings).view(-1, self.num_classes, self.sub_centers)
+
+    def _class_cosine(self, embeddings: Tensor) -> Tensor:
+        return self._centre_cosines(embeddings).amax(dim=2)
+
+    def _target_logit(self, cos: Tensor) -> Tensor:
+        return arcface_logit(cos, self.margin)
+
+    def class_proxies(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        labels = self._check_inputs(embeddings, labels)
+        k = self.sub_centers
+        with torch.no_grad():
+            dtype = torch.promote_types(embeddings.dtype, torch.float32)
+            own = self._centre_cosines(embeddings.to(dtype))[torch.arange(len(labels)), labels]
+            best = own.argmax(dim=1)
+        return F.normalize(self.proxies[labels * k + best], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, sub_centers={self.sub_centers}"

@@ -1,0 +1,215 @@
+"""Cross-validation (``nirdml crossval``, Musgrave et al.'s protocol): class-disjoint folds of
+the training classes that cover every class once, one model per fold, resumable per fold."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nirdml.cli import main
+from nirdml.data import class_folds
+from nirdml.errors import ConfigError
+
+
+def csv_dataset(tmp_path, train_classes=8, test_classes=4, per_class=6, validation_rows=False):
+    """A CSV dataset of tiny grey PNGs whose classes differ in brightness pattern; returns the
+    overrides that train a small CNN on it quickly."""
+    lines = ["label,path,split"]
+    rng = np.random.default_rng(0)
+    i = 0
+    splits = [("train", train_classes), ("test", test_classes)]
+    if validation_rows:
+        splits.append(("validation", 2))
+    for split, classes in splits:
+        for c in range(classes):
+            base = rng.integers(0, 256, (8, 8))
+            for _ in range(per_class):
+                noisy = np.clip(base + rng.normal(0, 30, (8, 8)), 0, 255).astype(np.uint8)
+                path = tmp_path / "imgs" / f"{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(noisy).save(path)
+                lines.append(f"{split}{c},imgs/{i}.png,{split}")
+                i += 1
+    (tmp_path / "data.csv").write_text("\n".join(lines) + "\n")
+    return ["data.name=csv", f"data.root={tmp_path / 'data.csv'}", "data.val_fraction=0",
+            "data.batch_size=8", "data.samples_per_class=2", "data.image_size=8",
+            "model.name=small_cnn", "model.pretrained=false", "model.embedding_dim=8",
+            "loss.name=margin", "loss.nir.enabled=false", "loss.proxy_lr_multiplier=null",
+            "train.epochs=2", "train.progress=false", "train.tensorboard=false",
+            "train.select_on=val", "train.probe_classes=0", "train.device=cpu",
+            "optim.warmup_epochs=0", "optim.lr=0.003", "eval.recall_ks=[1, 2]",
+            "eval.metrics=[recall, map@r, nmi]"]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("NIRDML_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize(("classes", "folds"), [(5, 2), (8, 4), (13, 4), (4, 4), (100, 3)])
+def test_class_folds_are_disjoint_cover_every_class_once_and_are_balanced(classes, folds):
+    parts = class_folds(classes, folds, seed=7)
+    assert len(parts) == folds
+    joined = np.concatenate(parts)
+    assert sorted(joined.tolist()) == list(range(classes))  # every class exactly once
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    for a, b in itertools.combinations(parts, 2):
+        assert not set(a.tolist()) & set(b.tolist())
+    again = class_folds(classes, folds, seed=7)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    if classes >= 8:
+        other = class_folds(classes, folds, seed=8)
+        assert not all(np.array_equal(a, b) for a, b in zip(parts, other))
+
+
+def test_class_folds_refuse_impossible_splits():
+    with pytest.raises(ConfigError, match="at least 2 folds"):
+        class_folds(5, 1)
+    with pytest.raises(ConfigError, match="at least 6 training classes"):
+        class_folds(5, 6)
+
+
+def test_fold_splits_of_a_config_partition_the_training_classes(tmp_path, cache):
+    from nirdml.training import builders
+    from nirdml.training.config import load_config
+
+    overrides = csv_dataset(tmp_path, train_classes=9)
+    every = builders.build_splits(load_config("digits", overrides))
+    all_train = set(every.train.class_names)
+    assert len(all_train) == 9
+    seen = []
+    for k in range(4):
+        cfg = load_config("digits", [*overrides, "data.folds=4", f"data.fold={k}"])
+        splits = builders.build_splits(cfg)
+        train, val = set(splits.train.class_names), set(splits.val.class_names)
+        assert not train & val and train | val == all_train
+        assert splits.test.class_names == every.test.class_names
+        assert len(splits.val) == 6 * len(val)  # whole classes
+        seen.append(val)
+    assert sorted(c for fold in seen for c in fold) == sorted(all_train)  # each exactly once
+    for a, b in itertools.combinations(seen, 2):
+        assert not a & b
+
+
+def test_fold_options_are_checked(tmp_path, cache):
+    from nirdml.training import builders
+    from nirdml.training.config import load_config
+
+    with pytest.raises(ConfigError, match="data.folds"):
+        load_config("digits", ["data.folds=1"])
+    with pytest.raises(ConfigError, match="data.fold"):
+        load_config("digits", ["data.folds=3", "data.fold=3"])
+    overrides = csv_dataset(tmp_path, validation_rows=True)
+    cfg = load_config("digits", [*overrides, "data.folds=2"])
+    with pytest.raises(ConfigError, match="own validation split"):
+        builders.build_splits(cfg)
+    assert main(["crossval", "--out", str(tmp_path / "cv"), "--folds", "2",
+                 "--set", "train.select_on=test"]) == 2
+
+
+@pytest.mark.slow
+def test_crossval_completes_resumes_after_an_interruption_and_reuses_finished_folds(
+        tmp_path, cache, monkeypatch, capsys):
+    from nirdml.crossval import fold_config, selected_validation, train_run
+    from nirdml.training.config import load_config
+    from nirdml.training.run_dir import RunDir
+    from nirdml.training.trainer import Interrupted, Trainer
+
+    overrides = csv_dataset(tmp_path)
+    out = tmp_path / "cv"
+    argv = ["crossval", "--folds", "4", "--out", str(out)]
+    for o in overrides:
+        argv += ["--set", o]
+
+    # 1. stopped in fold 2 after its first epoch (its checkpoint written, as on SIGINT)
+    original = Trainer._save
+
+    def stop_in_fold_2(self, name):
+        original(self, name)
+        if name == "last.pt" and self.cfg.data.fold == 2 and self.epoch == 1:
+            raise Interrupted("stopped by signal 2 (simulated)")
+
+    monkeypatch.setattr(Trainer, "_save", stop_in_fold_2)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "run the same nirdml crossval command again" in err
+    assert (out / "fold1/final.json").is_file() and not (out / "fold2/final.json").exists()
+    assert (out / "fold2/checkpoints/last.pt").is_file() and not (out / "fold3").exists()
+    monkeypatch.setattr(Trainer, "_save", original)
+
+    # 2. again: folds 0 and 1 reused, fold 2 resumed from its checkpoint, fold 3 trained
+    assert main(argv) == 0
+    summary = json.loads((out / "crossval.json").read_text())
+    assert [r["status"] for r in summary["fold_runs"]] == ["reused", "reused", "resumed",
+                                                           "trained"]
+    table = (out / "crossval.md").read_text()
+    assert "test, concatenated (4 models)" in table and "+-" in table
+    vals = [r["val"]["recall@1"] for r in summary["fold_runs"]]
+    assert summary["val"]["mean"]["recall@1"] == pytest.approx(np.mean(vals), rel=1e-12)
+    assert summary["val"]["std"]["recall@1"] == pytest.approx(np.std(vals), rel=1e-9, abs=1e-12)
+    tests = [r["test"]["map@r"] for r in summary["fold_runs"]]
+    assert summary["test_separated"]["mean"]["map@r"] == pytest.approx(np.mean(tests))
+    assert set(summary["test_concatenated"]) >= {"recall@1", "recall@2", "map@r", "nmi"}
+
+    # the resumed fold equals the same fold trained without a stop
+    base = load_config("digits", overrides)
+    train_run(fold_config(base, 4, 2), tmp_path / "fold2_clean")
+    assert summary["fold_runs"][2]["val"] == selected_validation(RunDir(tmp_path / "fold2_clean"))
+
+    # 3. one fold's final.json lost: only that fold runs again (its final test)
+    (out / "fold1/final.json").unlink()
+    assert main(argv) == 0
+    again = json.loads((out / "crossval.json").read_text())
+    assert [r["status"] for r in again["fold_runs"]] == ["reused", "resumed", "reused",
+                                                         "reused"]
+    assert again["val"] == summary["val"]
+    assert again["test_concatenated"] == summary["test_concatenated"]
+
+    # 4. another config in the same folder is refused, not mixed in
+    capsys.readouterr()
+    assert main([*argv, "--set", "optim.lr=0.01"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "trained with another config" in err
+    assert "optim.lr" in err
+
+
+def _benchmark():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "baselines.py"
+    spec = importlib.util.spec_from_file_location("baselines_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_loss_has_an_omniglot_config_in_the_benchmark():
+    from nirdml.losses import LOSSES
+    from nirdml.training.config import load_config
+
+    bench = _benchmark()
+    assert sorted(bench.CONFIGS) == LOSSES.names()
+    for loss, name in bench.CONFIGS.items():
+        cfg = load_config(name)
+        assert cfg.loss.name == loss and cfg.data.name == "omniglot"
+        assert not cfg.loss.nir.enabled and cfg.train.select_on == "val"
+        assert (cfg.data.batch_size, cfg.data.samples_per_class, cfg.optim.lr) == (90, 2, 1e-3)
+
+
+@pytest.mark.slow
+def test_baselines_benchmark_runs_the_protocol_and_writes_its_table(tmp_path, cache, capsys):
+    bench = _benchmark()
+    out = tmp_path / "bench"
+    assert bench.main(["--digits", "--losses", "triplet", "norm_softmax", "--epochs", "1",
+                       "--seeds", "0", "1", "--folds", "2", "--out", str(out)]) == 0
+    table = (out / "results.md").read_text()
+    assert "| triplet |" in table and "| norm_softmax |" in table and "R@1 concat." in table
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["seeds"] for r in rows] == [2, 2]
+    summary = json.loads((out / "runs/triplet-seed1/crossval.json").read_text())
+    assert summary["seed"] == 1 and len(summary["fold_runs"]) == 2
