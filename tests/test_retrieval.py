@@ -273,7 +273,9 @@ def test_index_and_search_commands(files, tmp_path, capsys):
     doc = json.loads(capsys.readouterr().out)
     assert doc["queries"][0]["results"][0]["path"] == query
     assert main(["search", "--index", str(out), "--query", query, "-k", "2"]) == 0
-    assert query in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert query in text
+    assert text.splitlines()[1].split() == ["rank", "cosine", "class", "gallery", "item"]
     # errors are one line, exit code 2
     assert main(["search", "--index", str(out), "--query", query, "-k", "99"]) == 2
     assert "larger than the gallery" in capsys.readouterr().err

@@ -30,8 +30,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     for q, name in enumerate(results.queries):
         print(f"query {name}:")
+        print(f"  {'rank':>4}  {'cosine':>6}  {'class':<12}  gallery item")
         for hit in results.hits(q):
             label = hit.get("class", hit["label"])
             where = hit["path"] if hit["path"] is not None else f"item {hit['id']}"
-            print(f"  {hit['rank']:>3}  {hit['score']:.4f}  {label}  {where}")
+            print(f"  {hit['rank']:>4}  {hit['score']:.4f}  {str(label):<12}  {where}")
     return 0
