@@ -23,7 +23,10 @@ def test_gpu_check_runs_tiny_on_the_cpu(tmp_path):
     parts = report["parts"]
     assert "GPU-only parts were skipped" in report["note"]
     assert "skipped" in parts["tests"]
-    assert parts["train_step"]["overhead_vs_base"]["base + NIR (release)"] > 1.0
+    # timings are not asserted (a busy machine makes them anything); their presence is
+    assert set(parts["train_step"]["ms_per_step"]) == {
+        "base", "base + NIR (release)", "base + NIR (disc/dim)"}
+    assert all(v > 0 for v in parts["train_step"]["ms_per_step"].values())
     assert parts["flow"]["D=32"]["eager"] > 0
     assert 0 < parts["evaluation"]["recall@1"] <= 1
     assert set(parts["omniglot"]) == {"digits", "digits + NIR", "wall_s"}
