@@ -160,15 +160,18 @@ class Embeddings:
 
 
 def embed_dataset(model, dataset, device, batch_size: int = 256, num_workers: int = 0,
-                  amp: str = "none", progress: str | None = None) -> Embeddings:
+                  amp: str = "none", progress: str | None = None,
+                  generator=None) -> Embeddings:
     """Embed every sample of ``dataset`` in order (eval mode, no gradients); ``progress``
-    names a progress bar shown on a terminal."""
+    names a progress bar shown on a terminal. The loader draws its workers' base seed from
+    ``generator``, or from the global torch RNG when None (as the trainer's evaluation always
+    has: changing that would change every run's trajectory)."""
     import torch
 
     from nirdml.devices import autocast
 
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                                         num_workers=num_workers,
+                                         num_workers=num_workers, generator=generator,
                                          pin_memory=torch.device(device).type == "cuda")
     was_training = model.training
     model.eval()

@@ -43,8 +43,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from nirdml.errors import ConfigError, TrainingError
 from nirdml.training.config import Config, _unknown_key
 
@@ -166,13 +164,9 @@ def parse_param(key: str, spec: Any) -> Param:
 
 def load_space(path: str | Path) -> dict[str, Param]:
     """Read a YAML search space (module docstring)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--space {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--space {str(path)!r} is not valid YAML: {exc}") from None
+    from nirdml.training.config import read_yaml
+
+    data = read_yaml(path, "--space")
     if not isinstance(data, dict) or not data:
         raise ConfigError(f"--space {str(path)!r} must map config keys to distributions, e.g. "
                           f"'optim.lr: {{type: float, low: 1.0e-4, high: 1.0e-2, log: true}}'")

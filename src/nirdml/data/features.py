@@ -95,32 +95,15 @@ def cache_key(encoder: nn.Module, transform: Callable | None, dataset: LabeledDa
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
 
 
-@torch.no_grad()
 def encode(encoder: nn.Module, dataset: LabeledDataset, device: torch.device,
            batch_size: int = 256, num_workers: int = 0, progress: bool = False) -> np.ndarray:
-    """``encoder(images)`` of every sample in order (eval mode), as float32 ``N x F``."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                                         num_workers=num_workers,
-                                         generator=torch.Generator().manual_seed(0))
-    was_training = encoder.training
-    encoder.eval()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    """``encoder(images)`` of every sample in order (eval mode), as float32 ``N x F`` (the
+    loader's seed from its own generator: the global RNGs are untouched)."""
+    from nirdml.embeddings import embed_dataset
 
-        bar = tqdm(total=len(dataset), desc=f"features {dataset.name}", unit="img",
-                   dynamic_ncols=True, leave=False)
-    chunks = []
-    try:
-        for images, _ in loader:
-            chunks.append(encoder(images.to(device)).float().cpu().numpy())
-            if bar is not None:
-                bar.update(len(images))
-    finally:
-        encoder.train(was_training)
-        if bar is not None:
-            bar.close()
-    return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+    return embed_dataset(encoder, dataset, device, batch_size, num_workers,
+                         progress=f"features {dataset.name}" if progress else None,
+                         generator=torch.Generator().manual_seed(0)).embeddings
 
 
 def cached_features(encoder: nn.Module, dataset: LabeledDataset, device: torch.device,

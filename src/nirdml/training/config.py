@@ -179,13 +179,7 @@ class Config:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Config:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+        data = read_yaml(path, "config file")
         if data is not None and not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
         return cls.from_dict(data)
@@ -297,6 +291,17 @@ class Config:
         if self.data.folds and not 0 <= self.data.fold < self.data.folds:
             raise ConfigError(f"invalid value for data.fold: must be in [0, data.folds="
                               f"{self.data.folds}), got {self.data.fold}")
+
+
+def read_yaml(path: str | Path, what: str) -> Any:
+    """The YAML document in ``path``; ConfigError naming ``what`` if it is missing or invalid."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {str(path)!r} does not exist")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {str(path)!r} is not valid YAML: {exc}") from None
 
 
 # ---- dict <-> dataclass helpers -------------------------------------------------------------
