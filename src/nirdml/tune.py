@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from nirdml.errors import ConfigError, TrainingError
-from nirdml.training.config import Config, _unknown_key
+from nirdml.training.config import Config
 
 SPACE_TYPES = ("float", "int", "categorical")
 _SPEC_FIELDS = {"type", "low", "high", "log", "step", "choices"}
@@ -176,19 +176,7 @@ def load_space(path: str | Path) -> dict[str, Param]:
 def apply_params(cfg: Config, params: dict[str, Any]) -> Config:
     """``cfg`` with ``params`` (``{"a.b.c": value}``) set; ConfigError on unknown keys or bad
     values (values are set as they are, not parsed from text)."""
-    data = cfg.to_dict()
-    for key, value in params.items():
-        node = data
-        parts = key.split(".")
-        for i, part in enumerate(parts[:-1]):
-            if not isinstance(node, dict) or part not in node:
-                raise ConfigError(_unknown_key(".".join(parts[: i + 1]), node))
-            node = node[part]
-        free = len(parts) >= 2 and parts[-2] == "options"
-        if not isinstance(node, dict) or (parts[-1] not in node and not free):
-            raise ConfigError(_unknown_key(key, node))
-        node[parts[-1]] = value
-    return Config.from_dict(data)
+    return cfg.with_values(params)
 
 
 def _takes(factory, option: str) -> tuple[bool, list[str]]:

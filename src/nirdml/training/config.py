@@ -195,16 +195,23 @@ class Config:
 
     def with_overrides(self, overrides: list[str] | None) -> Config:
         """Return a copy with ``a.b.c=value`` overrides applied (values parsed as YAML)."""
-        data = self.to_dict()
+        values: dict[str, Any] = {}
         for item in overrides or []:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} must look like key.sub=value")
             key, raw = item.split("=", 1)
-            key = key.strip()
             try:
                 value = yaml.safe_load(raw) if raw.strip() else None
             except yaml.YAMLError:
                 value = raw
+            values[key.strip()] = value
+        return self.with_values(values)
+
+    def with_values(self, values: dict[str, Any]) -> Config:
+        """Return a copy with ``{"a.b.c": value}`` set (values as they are, then validated);
+        ConfigError naming the allowed keys for an unknown one."""
+        data = self.to_dict()
+        for key, value in values.items():
             node = data
             parts = key.split(".")
             for i, part in enumerate(parts[:-1]):
