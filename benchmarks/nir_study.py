@@ -74,6 +74,8 @@ VARIANTS: dict[str, list[str]] = {
                         "loss.nir.negatives=1", "loss.nir.base_scale=sphere"],
     "disc/dim+embed": [*NIR, "loss.nir.mode=disc", "loss.nir.per_dim=true",
                        "loss.nir.negatives=1", "loss.nir.cond_mode=dense_embed"],
+    # the paper's NLL minus a within-class entropy estimate: KL, which collapse does not lower
+    "kl/dim": [*NIR, "loss.nir.mode=kl", "loss.nir.per_dim=true"],
 }
 
 #: the search grid of phase "search" (one seed, validation classes), most promising first; one

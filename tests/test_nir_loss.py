@@ -87,6 +87,12 @@ def _reference_total(nir, emb, weight, mode, per_dim=False, base_scale="standard
     if mode == "selfnorm":
         term = torch.log(torch.exp(u).mean())
         return proxy + weight * term, term, nll
+    if mode == "kl":  # Kozachenko-Leonenko: nearest other sample of the class, singletons left out
+        logs = [min(torch.linalg.vector_norm(x[i] - x[j]) for j in range(len(LABELS))
+                    if j != i and LABELS[j] == LABELS[i]).log()
+                for i in range(len(LABELS)) if (LABELS == LABELS[i]).sum() > 1]
+        term = u.mean() - (1 if per_dim else D) * torch.stack(logs).mean()
+        return proxy + weight * term, term, nll
     # disc with every other batch class as a negative: CE over all classes of the batch
     classes = LABELS.unique()
     scores = torch.stack([-nll_given(nir.base_loss.class_proxies(emb, torch.full_like(LABELS, c)))
@@ -103,6 +109,7 @@ VARIANTS = [
     {"mode": "paper", "base_scale": "sphere"}, {"mode": "selfnorm", "per_dim": True},
     {"mode": "disc", "negatives": 10}, {"mode": "disc", "negatives": 4, "per_dim": True,
                                         "nll_weight": 0.2},
+    {"mode": "kl"}, {"mode": "kl", "per_dim": True},
 ]
 
 
@@ -126,6 +133,24 @@ def test_modes_reduce_to_the_documented_formulas(variant):
     assert 0 < terms["material"] <= 1
     assert "proxy_pos" in terms and "proxy_neg" in terms  # ProxyAnchor's own sub-terms
     assert all(not v.requires_grad for v in terms.values())
+
+
+def test_kl_mode_does_not_reward_shrinking_a_class():
+    """Shrinking every class towards its mean by a factor s lowers the flow's NLL, but the
+    entropy estimate falls by D log s per sample too: the KL term moves by the NLL change
+    minus D log(1/s), where the paper's term takes the NLL change alone."""
+    emb = F.normalize(_emb(3), dim=1)
+    centres = torch.stack([emb[LABELS == c].mean(0) for c in LABELS.tolist()])
+    from nirdml.nir.regularizer import within_class_log_nn
+
+    log_nn, has_nn = within_class_log_nn(emb, LABELS)
+    shrunk = centres + 0.5 * (emb - centres)
+    log_nn_s, has_nn_s = within_class_log_nn(shrunk, LABELS)
+    assert has_nn.tolist() == (LABELS != 5).tolist() and torch.equal(has_nn, has_nn_s)
+    assert log_nn[~has_nn].abs().max() == 0
+    torch.testing.assert_close(log_nn_s[has_nn] - log_nn[has_nn],
+                               torch.full((int(has_nn.sum()),), math.log(0.5),
+                                          dtype=torch.float64), rtol=0, atol=1e-12)
 
 
 def test_release_and_paper_defaults_are_the_exact_formulas():
@@ -333,7 +358,7 @@ def test_state_dict_round_trip():
 
 def test_config_errors():
     base = ProxyAnchorLoss(C, D)
-    with pytest.raises(ConfigError, match="release, paper, selfnorm, disc"):
+    with pytest.raises(ConfigError, match="release, paper, selfnorm, disc, kl"):
         NIRLoss(base, 0.1, mode="both")
     with pytest.raises(ConfigError, match="noise must be a finite number >= 0"):
         NIRLoss(base, 0.1, noise=-0.1)

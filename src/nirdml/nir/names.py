@@ -15,7 +15,7 @@ from __future__ import annotations
 COND_MODES = ("dense", "dense_embed", "dense_embed_multi", "start", "mid", "end")
 
 #: How ``NIRLoss`` combines the NIR term and the proxy loss (see ``nirdml.nir.regularizer``).
-NIR_MODES = ("release", "paper", "selfnorm", "disc")
+NIR_MODES = ("release", "paper", "selfnorm", "disc", "kl")
 #: The base distribution's scale ``sigma`` (see ``nirdml.nir.regularizer``).
 BASE_SCALES = ("standard", "sphere", "learned")
 #: Input noise distributions.

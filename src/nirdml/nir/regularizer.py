@@ -21,6 +21,13 @@ How the NIR term and the proxy loss are combined (``mode``; see ``docs/method.md
   embedding must be more likely under its own proxy than under others (a generative flow
   classifier). Shrinking the embeddings earns nothing under the CE. Costs ``1 + negatives`` flow
   evaluations per sample.
+* ``"kl"``:       ``L = L_proxy + weight * (mean_i u_i - s * mean_i log ||x_i - x_n(i)||)``, ``x_n(i)``
+  the nearest other sample of i's class in the batch, ``s = 1`` with ``per_dim`` else ``D``
+  (samples alone of their class in the batch leave the second term). The second term is the
+  Kozachenko-Leonenko estimate of the within-class entropy (up to constants), so the sum
+  estimates ``KL(embeddings | flow)`` instead of the paper's cross-entropy: shrinking a class
+  lowers the NLL but raises the KL by as much, so collapse earns nothing and the flow's density
+  must be matched by the embeddings' spread.
 
 Options that act before the combination (all modes):
 
@@ -67,6 +74,21 @@ def capped_exp(nll: Tensor, cap: float | None) -> Tensor:
     if cap is None:
         return torch.exp(nll)
     return torch.exp(nll.clamp(max=cap)) + math.exp(cap) * (nll - cap).clamp(min=0)
+
+
+def within_class_log_nn(x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """``(log_nn, has_nn)``: per sample, the log Euclidean distance to the nearest other sample of
+    its class in the batch, and whether it has one (``log_nn`` is 0 where it has none).
+    Distances are floored at 1e-6 so coincident samples stay finite."""
+    labels = torch.as_tensor(labels, device=x.device).reshape(-1)
+    same = labels[:, None] == labels[None, :]
+    same.fill_diagonal_(False)
+    sq = (x.square().sum(1)[:, None] + x.square().sum(1)[None, :] - 2.0 * x @ x.T)
+    sq = sq.masked_fill(~same, float("inf"))
+    nearest = sq.min(1).values
+    has_nn = torch.isfinite(nearest)
+    log_nn = 0.5 * torch.log(nearest.where(has_nn, torch.ones_like(nearest)).clamp(min=1e-12))
+    return log_nn, has_nn
 
 
 def _choice(name: str, value, allowed: tuple) -> str:
@@ -136,7 +158,7 @@ class NIRLoss(nn.Module):
     ``nll`` (mean per-sample NLL in nats), ``nll_max``, ``material`` (fraction of the batch whose
     NIR gradient weight is above :data:`MATERIAL_FRACTION` of the largest), ``total``, in
     ``disc`` mode ``ce`` and ``nll_gap`` (mean NLL given a negative's proxy minus given the
-    own), with a learnt base ``base_log_scale``, and the base loss's own sub-terms prefixed with
+    own), in ``kl`` mode ``log_nn`` (the mean log nearest-neighbour distance), with a learnt base ``base_log_scale``, and the base loss's own sub-terms prefixed with
     ``proxy_``.
     """
 
@@ -307,6 +329,12 @@ class NIRLoss(nn.Module):
             elif self.mode == "selfnorm":
                 nir = torch.logsumexp(u, 0) - math.log(u.shape[0])
                 grad_weight = torch.softmax(u.detach(), 0)
+            elif self.mode == "kl":
+                log_nn, has_nn = within_class_log_nn(x, labels)
+                entropy = log_nn[has_nn].mean() if bool(has_nn.any()) else log_nn.sum() * 0.0
+                nir = u.mean() - (1.0 if self.per_dim else float(self.embedding_dim)) * entropy
+                grad_weight = torch.ones_like(u)
+                extra = {"log_nn": entropy}
             else:
                 nir = u.mean()
                 grad_weight = torch.ones_like(u)
