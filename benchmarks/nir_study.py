@@ -10,7 +10,7 @@ flow". Every run logs the mechanism metrics (``nirdml.nir.monitor``) per epoch.
 Settings:
   a  small CNN from scratch, 28 px, 20 epochs (config omniglot_pa)
   b  frozen ImageNet EfficientNet-Lite0 (84 px, features cached once) + MLP head 1280-512-128,
-     60 epochs (config omniglot_lite0_pa)
+     40 epochs (config omniglot_lite0_pa)
 
     python benchmarks/nir_study.py --setting a --phase search --out runs/nir_study
     python benchmarks/nir_study.py --setting a --phase test --arms base "disc/dim w=1" \\
