@@ -277,9 +277,13 @@ def main(argv: list[str] | None = None) -> int:
             run = run_arm(args.setting, args.loss, arm, seed, args.out, args.root, args.extra)
             results.setdefault(arm, []).append(run)
             sel = selected(run["history"])
+            # the search looks at the validation classes only: no test number is shown
+            shown = (f" MAP@R {100 * sel.get('val/map@r', float('nan')):.2f}"
+                     if args.phase == "search" else
+                     f" test R@1 {100 * run['final']['recall@1']:.2f}"
+                     f" MAP@R {100 * run['final']['map@r']:.2f}")
             print(f"{arm} seed {seed}: val R@1 {100 * sel.get('val/recall@1', float('nan')):.2f}"
-                  f" test R@1 {100 * run['final']['recall@1']:.2f} ({time.time() - t0:.0f}s)",
-                  flush=True)
+                  f"{shown} ({time.time() - t0:.0f}s)", flush=True)
     folder = args.out / args.setting / args.loss
     header = (f"Omniglot, setting {args.setting} ({SETTINGS[args.setting]['title']}), "
               f"{args.loss}, seeds {seeds}, phase {args.phase}, overrides "
