@@ -294,50 +294,12 @@ class NIRLoss(nn.Module):
         x = self._flow_input(embeddings)
         if self.fitting_only:
             x, cond = x.detach(), cond.detach()
-        scale = float(self.embedding_dim) if self.per_dim else 1.0
-        extra: dict[str, Tensor] = {}
         if self.mode == "disc":
-            neg = self._negative_labels(torch.as_tensor(labels, device=x.device).long())
-            k = neg.shape[1]
-            if k == 0:  # a batch of one class has no negatives: its CE is 0
-                nll = self.nll(x, cond)
-                ce = gap = torch.zeros_like(nll)
-            else:
-                cond_neg = self.base_loss.class_proxies(
-                    embeddings.repeat_interleave(k, 0), neg.reshape(-1))
-                if self.fitting_only:
-                    cond_neg = cond_neg.detach()
-                nll_all = self.nll(torch.cat([x, x.repeat_interleave(k, 0)]),
-                                   torch.cat([cond, cond_neg]))
-                nll, nll_neg = nll_all[:x.shape[0]], nll_all[x.shape[0]:].view(-1, k)
-                logits = -torch.cat([nll[:, None], nll_neg], 1) / scale
-                ce = torch.logsumexp(logits, 1) - logits[:, 0]
-                gap = nll_neg.mean(1) - nll
-            nir = ce.mean() + self.nll_weight * (nll / scale).mean()
-            grad_weight = (1.0 - torch.exp(-ce.detach())) + self.nll_weight
-            extra = {"ce": ce.mean(), "nll_gap": gap.mean()}
+            nir, nll, grad_weight, extra = self._disc_term(embeddings, labels, x, cond)
         else:
             nll = self.nll(x, cond)
-            u = nll / scale if self.per_dim else nll
-            if self.mode == "release":
-                u_max = u.detach().max()
-                # the cap only costs extra ops when a batch actually reaches it
-                capped = self.nll_cap is not None and not bool(u_max <= self.nll_cap)
-                per_sample = capped_exp(u, self.nll_cap) if capped else torch.exp(u)
-                nir = per_sample.mean()
-                grad_weight = per_sample.detach()
-            elif self.mode == "selfnorm":
-                nir = torch.logsumexp(u, 0) - math.log(u.shape[0])
-                grad_weight = torch.softmax(u.detach(), 0)
-            elif self.mode == "kl":
-                log_nn, has_nn = within_class_log_nn(x, labels)
-                entropy = log_nn[has_nn].mean() if bool(has_nn.any()) else log_nn.sum() * 0.0
-                nir = u.mean() - (1.0 if self.per_dim else float(self.embedding_dim)) * entropy
-                grad_weight = torch.ones_like(u)
-                extra = {"log_nn": entropy}
-            else:
-                nir = u.mean()
-                grad_weight = torch.ones_like(u)
+            u = nll / self.embedding_dim if self.per_dim else nll
+            nir, grad_weight, extra = self._density_term(u, x, labels)
         if self.mode == "release":
             proxy_part, nir_part = self.weight * proxy_loss, nir
         else:
@@ -349,6 +311,49 @@ class NIRLoss(nn.Module):
             terms["base_log_scale"] = self.base_log_scale
         terms.update({f"proxy_{k}": v for k, v in base_terms.items() if k != "proxy"})
         return proxy_part, nir_part, terms
+
+    def _density_term(self, u: Tensor, x: Tensor, labels: Tensor
+                      ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """The release / paper / selfnorm / kl term of the per-sample NLLs ``u``: ``(term,
+        per-sample gradient weight, extra terms)``."""
+        if self.mode == "release":
+            # the cap only costs extra ops when a batch actually reaches it
+            capped = self.nll_cap is not None and not bool(u.detach().max() <= self.nll_cap)
+            per_sample = capped_exp(u, self.nll_cap) if capped else torch.exp(u)
+            return per_sample.mean(), per_sample.detach(), {}
+        if self.mode == "selfnorm":
+            return (torch.logsumexp(u, 0) - math.log(u.shape[0]),
+                    torch.softmax(u.detach(), 0), {})
+        if self.mode == "kl":
+            log_nn, has_nn = within_class_log_nn(x, labels)
+            entropy = log_nn[has_nn].mean() if bool(has_nn.any()) else log_nn.sum() * 0.0
+            term = u.mean() - (1.0 if self.per_dim else float(self.embedding_dim)) * entropy
+            return term, torch.ones_like(u), {"log_nn": entropy}
+        return u.mean(), torch.ones_like(u), {}  # paper
+
+    def _disc_term(self, embeddings: Tensor, labels: Tensor, x: Tensor, cond: Tensor
+                   ) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+        """The disc term: ``(term, own-class NLL, per-sample gradient weight, extra terms)``."""
+        scale = float(self.embedding_dim) if self.per_dim else 1.0
+        neg = self._negative_labels(torch.as_tensor(labels, device=x.device).long())
+        k = neg.shape[1]
+        if k == 0:  # a batch of one class has no negatives: its CE is 0
+            nll = self.nll(x, cond)
+            ce = gap = torch.zeros_like(nll)
+        else:
+            cond_neg = self.base_loss.class_proxies(
+                embeddings.repeat_interleave(k, 0), neg.reshape(-1))
+            if self.fitting_only:
+                cond_neg = cond_neg.detach()
+            nll_all = self.nll(torch.cat([x, x.repeat_interleave(k, 0)]),
+                               torch.cat([cond, cond_neg]))
+            nll, nll_neg = nll_all[:x.shape[0]], nll_all[x.shape[0]:].view(-1, k)
+            logits = -torch.cat([nll[:, None], nll_neg], 1) / scale
+            ce = torch.logsumexp(logits, 1) - logits[:, 0]
+            gap = nll_neg.mean(1) - nll
+        term = ce.mean() + self.nll_weight * (nll / scale).mean()
+        grad_weight = (1.0 - torch.exp(-ce.detach())) + self.nll_weight
+        return term, nll, grad_weight, {"ce": ce.mean(), "nll_gap": gap.mean()}
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """The combined loss (scalar) of a batch of (raw) embeddings and their class labels."""
