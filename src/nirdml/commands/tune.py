@@ -42,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     from nirdml.crossval import print_log
     from nirdml.training.config import load_config
     from nirdml.training.trainer import Interrupted
-    from nirdml.tune import load_space, require_optuna, tune
+    from nirdml.search_space import load_space
+    from nirdml.tune import require_optuna, tune
 
     require_optuna()  # the missing extra first, before any other work
     cfg = load_config(args.config, args.overrides)
