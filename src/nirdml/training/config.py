@@ -227,8 +227,23 @@ class Config:
 
     # ---- validation ---------------------------------------------------------------------
     def validate(self) -> None:
-        """Check value ranges that types alone cannot express."""
-        checks = [
+        """Check value ranges that types alone cannot express (ConfigError naming the key)."""
+        for ok, key, allowed in self._range_checks():
+            if not ok:
+                raise ConfigError(f"invalid value for {key}: must be {allowed}")
+        if self.optim.scheduler == "multistep" and not self.optim.milestones:
+            raise ConfigError("optim.milestones must list epochs when optim.scheduler=multistep")
+        self._check_loss()
+        if self.data.folds == 1 or self.data.folds < 0:
+            raise ConfigError("invalid value for data.folds: must be 0 (no cross-validation: "
+                              "data.val_fraction holds out the validation classes) or >= 2")
+        if self.data.folds and not 0 <= self.data.fold < self.data.folds:
+            raise ConfigError(f"invalid value for data.fold: must be in [0, data.folds="
+                              f"{self.data.folds}), got {self.data.fold}")
+
+    def _range_checks(self) -> list[tuple[bool, str, str]]:
+        """``(holds, key, what the key must be)`` for every single-value range rule."""
+        return [
             (self.data.batch_size > 0, "data.batch_size", "a positive integer"),
             (self.data.samples_per_class > 0, "data.samples_per_class", "a positive integer"),
             (
@@ -269,11 +284,9 @@ class Config:
                 "off (use loss.nir.enabled=false for that)",
             ),
         ]
-        for ok, key, allowed in checks:
-            if not ok:
-                raise ConfigError(f"invalid value for {key}: must be {allowed}")
-        if self.optim.scheduler == "multistep" and not self.optim.milestones:
-            raise ConfigError("optim.milestones must list epochs when optim.scheduler=multistep")
+
+    def _check_loss(self) -> None:
+        """The loss is registered, and a loss without proxies has neither NIR nor a proxy lr."""
         from nirdml.losses import LOSSES, PROXY_LOSSES  # late: keeps config importable alone
 
         if self.loss.name not in LOSSES:
@@ -292,12 +305,6 @@ class Config:
                     f"loss.proxy_lr_multiplier={self.loss.proxy_lr_multiplier:g} applies to "
                     f"proxy losses, but loss.name={self.loss.name!r} has no proxies; set "
                     f"loss.proxy_lr_multiplier=null")
-        if self.data.folds == 1 or self.data.folds < 0:
-            raise ConfigError("invalid value for data.folds: must be 0 (no cross-validation: "
-                              "data.val_fraction holds out the validation classes) or >= 2")
-        if self.data.folds and not 0 <= self.data.fold < self.data.folds:
-            raise ConfigError(f"invalid value for data.fold: must be in [0, data.folds="
-                              f"{self.data.folds}), got {self.data.fold}")
 
 
 def read_yaml(path: str | Path, what: str) -> Any:
