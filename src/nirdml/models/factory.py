@@ -28,6 +28,24 @@ def list_backbones(pattern: str = "*") -> list[str]:
     return sorted(n for n in names if fnmatch.fnmatch(n, pattern.lower()))
 
 
+def _backbone_spec(name: str, options: dict[str, Any]) -> BackboneSpec:
+    """The registered backbone ``name`` (or ``timm:<model>``) built with ``options``."""
+    key = name.strip()
+    if key.lower().startswith(TIMM_PREFIX):
+        options["model_name"] = key[len(TIMM_PREFIX) :]
+        key = "timm"
+    elif key.lower() == "timm" or key not in BACKBONES:
+        raise ConfigError(
+            f"unknown backbone {name!r}; choose one of: {', '.join(list_backbones())}"
+        )
+    try:
+        return BACKBONES.build(key, **options)
+    except TypeError as exc:
+        if "unexpected keyword argument" not in str(exc):
+            raise
+        raise ConfigError(f"invalid option for backbone {name!r}: {exc}") from exc
+
+
 def build_model(
     name: str,
     embedding_dim: int = 128,
@@ -58,21 +76,8 @@ def build_model(
         isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans <= 0
     ):
         raise ConfigError(f"model.in_chans must be a positive integer, got {in_chans!r}")
-    options = dict(kw, pretrained=bool(pretrained), weights_path=weights_path, in_chans=in_chans)
-    key = name.strip()
-    if key.lower().startswith(TIMM_PREFIX):
-        options["model_name"] = key[len(TIMM_PREFIX) :]
-        key = "timm"
-    elif key.lower() == "timm" or key not in BACKBONES:
-        raise ConfigError(
-            f"unknown backbone {name!r}; choose one of: {', '.join(list_backbones())}"
-        )
-    try:
-        spec: BackboneSpec = BACKBONES.build(key, **options)
-    except TypeError as exc:
-        if "unexpected keyword argument" not in str(exc):
-            raise
-        raise ConfigError(f"invalid option for backbone {name!r}: {exc}") from exc
+    spec = _backbone_spec(name, dict(kw, pretrained=bool(pretrained),
+                                     weights_path=weights_path, in_chans=in_chans))
     model = EmbeddingModel(
         spec.module,
         feature_dim=spec.feature_dim,
