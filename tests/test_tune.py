@@ -10,8 +10,8 @@ import pytest
 
 from nirdml.cli import main
 from nirdml.errors import ConfigError
-from nirdml.training.config import load_config
 from nirdml.search_space import apply_params, load_space, parse_param, validate_space
+from nirdml.training.config import load_config
 
 # digits, quick: 2 folds of its 5 training classes, 1 epoch, no NIR
 QUICK = ["loss.nir.enabled=false", "train.epochs=1", "train.progress=false",

@@ -40,9 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from nirdml.crossval import print_log
+    from nirdml.search_space import load_space
     from nirdml.training.config import load_config
     from nirdml.training.trainer import Interrupted
-    from nirdml.search_space import load_space
     from nirdml.tune import require_optuna, tune
 
     require_optuna()  # the missing extra first, before any other work

@@ -21,10 +21,10 @@ How the NIR term and the proxy loss are combined (``mode``; see ``docs/method.md
   embedding must be more likely under its own proxy than under others (a generative flow
   classifier). Shrinking the embeddings earns nothing under the CE. Costs ``1 + negatives`` flow
   evaluations per sample.
-* ``"kl"``:       ``L = L_proxy + weight * (mean_i u_i - s * mean_i log ||x_i - x_n(i)||)``, ``x_n(i)``
-  the nearest other sample of i's class in the batch, ``s = 1`` with ``per_dim`` else ``D``
-  (samples alone of their class in the batch leave the second term). The second term is the
-  Kozachenko-Leonenko estimate of the within-class entropy (up to constants), so the sum
+* ``"kl"``:       ``L = L_proxy + weight * (mean_i u_i - s * mean_i log ||x_i - x_n(i)||)``,
+  ``x_n(i)`` the nearest other sample of i's class in the batch, ``s = 1`` with ``per_dim``
+  else ``D`` (samples alone of their class in the batch leave the second term). The second term is
+  the Kozachenko-Leonenko estimate of the within-class entropy (up to constants), so the sum
   estimates ``KL(embeddings | flow)`` instead of the paper's cross-entropy: shrinking a class
   lowers the NLL but raises the KL by as much, so collapse earns nothing and the flow's density
   must be matched by the embeddings' spread.
@@ -158,8 +158,8 @@ class NIRLoss(nn.Module):
     ``nll`` (mean per-sample NLL in nats), ``nll_max``, ``material`` (fraction of the batch whose
     NIR gradient weight is above :data:`MATERIAL_FRACTION` of the largest), ``total``, in
     ``disc`` mode ``ce`` and ``nll_gap`` (mean NLL given a negative's proxy minus given the
-    own), in ``kl`` mode ``log_nn`` (the mean log nearest-neighbour distance), with a learnt base ``base_log_scale``, and the base loss's own sub-terms prefixed with
-    ``proxy_``.
+    own), in ``kl`` mode ``log_nn`` (the mean log nearest-neighbour distance), with a learnt
+    base ``base_log_scale``, and the base loss's own sub-terms prefixed with ``proxy_``.
     """
 
     def __init__(
