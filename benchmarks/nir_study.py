@@ -79,7 +79,7 @@ VARIANTS: dict[str, list[str]] = {
 }
 
 #: the search grid of phase "search" (one seed, validation classes), most promising first; one
-#: arm for every variant family of docs/nir_variants.md (CPU time allows ~13 runs of 20 epochs).
+#: arm for every variant family of docs/nir_variants.md (CPU time allows ~15 runs of 20 epochs).
 #: Weights were set from the NIR share of the embedding gradient after one epoch at weight 1
 #: (``probe/nir_grad_share``; docs/nir_study.md): the release form is dead (2e-11), the
 #: compressive forms (paper, selfnorm, sphere base) collapse the embeddings at shares >= 0.2,
@@ -89,7 +89,7 @@ SEARCH = [
     "disc/dim w=1", "disc/dim w=0.3", "disc/dim+nll w=0.3",
     "release/dim w=0.1", "paper/dim w=0.1", "selfnorm/dim w=0.1",
     "paper/dim+noise w=1", "paper/dim+sphere w=0.1", "paper/dim+warmup w=0.3",
-    "disc/dim+embed w=0.3", "release", "paper w=0.001",
+    "disc/dim+embed w=0.3", "release", "paper w=0.001", "kl/dim w=0.1", "kl/dim w=0.3",
 ]
 
 #: mechanism metrics shown in the tables (key in metrics.jsonl -> column)
