@@ -220,17 +220,23 @@ def plot(results: dict[str, list[dict]], path: Path, title: str) -> None:
               ("probe/nir_grad_share", "NIR share of the embedding gradient", 1.0),
               ("probe/cos_between", "mean cosine between classes", 1.0)]
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
+    table = plt.get_cmap("tab10" if len(results) <= 10 else "tab20")
+
+    def colours(i: int):
+        return table(i % table.N)
     for ax, (key, label, scale) in zip(axes, panels):
-        for arm, runs in results.items():
+        for i, (arm, runs) in enumerate(results.items()):  # one colour per arm in every panel
             curves = [[h.get(key) for h in r["history"]] for r in runs]
             if not curves or any(v is None for c in curves for v in c):
                 continue
             n = min(len(c) for c in curves)
             mean = [scale * statistics.mean(c[i] for c in curves) for i in range(n)]
             ax.plot(range(1, n + 1), mean, marker="o" if n < 3 else None, markersize=3,
-                    label=arm, linestyle="--" if arm == "base" else "-")
+                    label=arm, color=colours(i), linestyle="--" if arm == "base" else "-")
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
+        if key == "probe/condition_gain_nats":
+            ax.set_yscale("symlog", linthresh=10.0)  # the disc forms reach thousands of nats
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
