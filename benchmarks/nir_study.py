@@ -225,14 +225,14 @@ def plot(results: dict[str, list[dict]], path: Path, title: str) -> None:
     def colours(i: int):
         return table(i % table.N)
     for ax, (key, label, scale) in zip(axes, panels):
-        for i, (arm, runs) in enumerate(results.items()):  # one colour per arm in every panel
+        for k, (arm, runs) in enumerate(results.items()):  # one colour per arm in every panel
             curves = [[h.get(key) for h in r["history"]] for r in runs]
             if not curves or any(v is None for c in curves for v in c):
                 continue
             n = min(len(c) for c in curves)
             mean = [scale * statistics.mean(c[i] for c in curves) for i in range(n)]
             ax.plot(range(1, n + 1), mean, marker="o" if n < 3 else None, markersize=3,
-                    label=arm, color=colours(i), linestyle="--" if arm == "base" else "-")
+                    label=arm, color=colours(k), linestyle="--" if arm == "base" else "-")
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         if key == "probe/condition_gain_nats":

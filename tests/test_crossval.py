@@ -216,7 +216,7 @@ def test_baselines_benchmark_runs_the_protocol_and_writes_its_table(tmp_path, ca
 
 
 def test_crossval_on_real_omniglot_resumes_after_sigterm(tmp_path, cache):
-    """The issue's target as a user meets it: ``nirdml crossval`` with 4 folds on real Omniglot
+    """The crossval promise as a user meets it: ``nirdml crossval`` with 4 folds on real Omniglot
     drawings (the official ``images_background_small1`` zip, 136 classes; a tiny evaluation
     part), stopped by SIGTERM in fold 1, then run again to completion."""
     import os
