@@ -83,7 +83,8 @@ def within_class_log_nn(x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     labels = torch.as_tensor(labels, device=x.device).reshape(-1)
     same = labels[:, None] == labels[None, :]
     same.fill_diagonal_(False)
-    sq = (x.square().sum(1)[:, None] + x.square().sum(1)[None, :] - 2.0 * x @ x.T)
+    norms = x.square().sum(1)
+    sq = norms[:, None] + norms[None, :] - 2.0 * x @ x.T
     sq = sq.masked_fill(~same, float("inf"))
     nearest = sq.min(1).values
     has_nn = torch.isfinite(nearest)
