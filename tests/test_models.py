@@ -263,6 +263,25 @@ def test_channels_last():
     torch.testing.assert_close(out, model_ref(x), atol=1e-5, rtol=1e-4)
 
 
+def test_small_cnn_layouts_agree():
+    """The small CNN's channels-last default and NCHW give the same embeddings and gradients."""
+    torch.manual_seed(0)
+    fast = build_model("small_cnn", embedding_dim=8).train()
+    slow = build_model("small_cnn", embedding_dim=8, channels_last=False).train()
+    assert fast.backbone.blocks[1][0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not slow.backbone.blocks[1][0].weight.is_contiguous(memory_format=torch.channels_last)
+    slow.load_state_dict(fast.state_dict())
+    x = torch.randn(6, 1, 28, 28)
+    outs = [m(x) for m in (fast, slow)]
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-4)
+    for out in outs:
+        out[:, 0].sum().backward()
+    for a, b in zip(fast.parameters(), slow.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ConfigError, match="channels_last must be true or false"):
+        build_model("small_cnn", channels_last="yes")
+
+
 def test_determinism_with_seed():
     x = torch.randn(2, 1, 28, 28)
     outs = []
