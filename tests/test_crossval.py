@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -194,6 +195,7 @@ def test_every_loss_has_an_omniglot_config_in_the_benchmark():
 
     bench = _benchmark()
     assert sorted(bench.CONFIGS) == LOSSES.names()
+    assert all(bench.parse_arm(arm) for arm in bench.DEFAULT_ARMS)
     for loss, name in bench.CONFIGS.items():
         cfg = load_config(name)
         assert cfg.loss.name == loss and cfg.data.name == "omniglot"
@@ -203,16 +205,45 @@ def test_every_loss_has_an_omniglot_config_in_the_benchmark():
 
 @pytest.mark.slow
 def test_baselines_benchmark_runs_the_protocol_and_writes_its_table(tmp_path, cache, capsys):
+    """The benchmark's grid on digits: a pair loss, a proxy loss and a NIR arm paired with it;
+    the tables hold every arm and the paired differences (recomputed here from the runs); two
+    jobs at once give the same numbers as one (each run has one thread either way)."""
+    import subprocess
+    import sys
+
     bench = _benchmark()
-    out = tmp_path / "bench"
-    assert bench.main(["--digits", "--losses", "triplet", "norm_softmax", "--epochs", "1",
-                       "--seeds", "0", "1", "--folds", "2", "--out", str(out)]) == 0
-    table = (out / "results.md").read_text()
-    assert "| triplet |" in table and "| norm_softmax |" in table and "R@1 concat." in table
-    rows = json.loads((out / "results.json").read_text())
-    assert [r["seeds"] for r in rows] == [2, 2]
-    summary = json.loads((out / "runs/triplet-seed1/crossval.json").read_text())
-    assert summary["seed"] == 1 and len(summary["fold_runs"]) == 2
+    arms = ["triplet", "proxy_anchor", "proxy_anchor+nir:paper/dim w=0.1"]
+    grid = ["--digits", "--arms", *arms, "--epochs", "1", "--seeds", "1", "2", "--folds", "2"]
+    assert bench.main([*grid, "--jobs", "1", "--out", str(tmp_path / "one")]) == 0
+    table = (tmp_path / "one" / "results.md").read_text()
+    assert all(f"| {arm} | 2 |" in table for arm in arms) and "R@1 concat." in table
+    assert "| proxy_anchor+nir:paper/dim w=0.1 | 2 | " in table.split("paired by seed")[1]
+    saved = json.loads((tmp_path / "one" / "results.json").read_text())
+    runs, rows = saved["runs"], {r["arm"]: r for r in saved["rows"]}
+    deltas = [100 * (runs[arms[2]][s]["test_concatenated"]["recall@1"]
+                     - runs["proxy_anchor"][s]["test_concatenated"]["recall@1"])
+              for s in ("1", "2")]
+    assert rows[arms[2]]["delta_concat/recall@1"] == pytest.approx(
+        [sum(deltas) / 2, abs(deltas[0] - deltas[1]) / 2 ** 0.5])
+    summary = json.loads((tmp_path / "one/runs/triplet-seed2/crossval.json").read_text())
+    assert summary["seed"] == 2 and len(summary["fold_runs"]) == 2
+    assert "NIR" in json.loads((tmp_path / "one/runs/proxy_anchor+nir_paper_dim_w_0.1-seed1/"
+                                "crossval.json").read_text())["loss"]
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "baselines.py"
+    subprocess.run([sys.executable, str(script), *grid, "--jobs", "2", "--out",
+                    str(tmp_path / "two")], check=True, capture_output=True)
+    two = json.loads((tmp_path / "two" / "results.json").read_text())["rows"]
+    for row in [*saved["rows"], *two]:
+        row.pop("sec_per_epoch")
+    assert two == saved["rows"]
+
+
+def test_baselines_benchmark_refuses_nir_on_a_pair_loss_before_training(tmp_path):
+    bench = _benchmark()
+    with pytest.raises(SystemExit, match="NIR needs class proxies"):
+        bench.main(["--digits", "--arms", "triplet+nir:release", "--out", str(tmp_path)])
+    assert not (tmp_path / "runs").exists()
 
 
 def test_crossval_on_real_omniglot_resumes_after_sigterm(tmp_path, cache):
