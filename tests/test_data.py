@@ -522,6 +522,43 @@ def test_transforms_shapes():
         build_transforms("hsv", True)
 
 
+@pytest.mark.parametrize("size", [(28, 28), (8, 8), (21, 34)])
+def test_gray_affine_and_normalize_equal_torchvision(size):
+    """Our gray-image steps give torchvision's outputs bit for bit from the same seed (so the
+    same random numbers are drawn): v2.RandomAffine(8, (0.1, 0.1), (0.9, 1.1), fill=0) and
+    v2.Normalize, on odd and even sizes, and the whole gray train transform equals the
+    torchvision-only pipeline."""
+    from torchvision.transforms import v2
+
+    from nirdml.data.transforms import GRAY_MEAN, GRAY_STD, Normalize, RandomAffineNearest
+
+    reference = v2.RandomAffine(degrees=8, translate=(0.1, 0.1), scale=(0.9, 1.1), fill=0)
+    ours = RandomAffineNearest(degrees=8, translate=(0.1, 0.1), scale=(0.9, 1.1))
+    moved = 0
+    for seed in range(300):
+        image = torch.rand(1, *size, generator=torch.Generator().manual_seed(10_000 + seed))
+        torch.manual_seed(seed)
+        want = reference(image)
+        torch.manual_seed(seed)
+        got = ours(image)
+        assert torch.equal(got, want), seed
+        moved += int(not torch.equal(got, image))
+    assert moved > 200  # the draws really move the images (some 8 x 8 ones round to none)
+    image = torch.rand(1, *size) * 3
+    assert torch.equal(Normalize(GRAY_MEAN, GRAY_STD)(image),
+                       v2.Normalize(GRAY_MEAN, GRAY_STD)(image))
+
+    pipeline = build_transforms("gray_small", True, image_size=28)
+    torchvision_only = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+                                   v2.Resize((28, 28), antialias=True), reference,
+                                   v2.Normalize(GRAY_MEAN, GRAY_STD)])
+    drawing = torch.randint(0, 256, (1, *size), dtype=torch.uint8)
+    torch.manual_seed(7)
+    want = torchvision_only(drawing)
+    torch.manual_seed(7)
+    assert torch.equal(pipeline(drawing), want)
+
+
 def test_dataset_transform_is_settable():
     splits = load_splits("digits", val_fraction=0.0)
     splits.test.transform = build_transforms("gray_small", False, image_size=16)
