@@ -11,6 +11,7 @@ classes are the test set, for each fold model ("separated", averaged over the fo
 fold ensemble ("concatenated" L2-normalised embeddings). NIR arms change only ``loss.nir``, so
 each is paired by seed with its base loss.
 
+The NIR arms and their base losses run first on every seed, then the other arms seed by seed.
 Writes, after every finished cross-validation (so a stopped run leaves a table of what is done):
 ``OUT/results.md`` (test R@1, MAP@R, NMI, mean +- std over seeds, both ways; validation R@1; the
 NIR arms' paired differences to their base loss), ``OUT/results.json``, and every run under
@@ -128,6 +129,17 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace) -> dict:
     summary["sec_per_epoch"] = statistics.median(secs) if secs else None
     summary["arm"], summary["wall_s"] = arm, time.time() - t0
     return summary
+
+
+def task_order(arms: list[str], seeds: list[int]) -> list[tuple[str, int]]:
+    """The NIR comparison first (the NIR arms and their base losses, every seed), then the
+    other arms seed by seed: a run stopped early has the paired NIR test complete and the
+    baselines on as many seeds as it reached."""
+    bases = {arm.partition(NIR_SEP)[0] for arm in arms if NIR_SEP in arm}
+    first = [arm for arm in arms if NIR_SEP in arm or arm in bases]
+    rest = [arm for arm in arms if arm not in first]
+    return ([(arm, seed) for seed in seeds for arm in first]
+            + [(arm, seed) for seed in seeds for arm in rest])
 
 
 def _worker_init(threads: int) -> None:
@@ -262,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for arm in args.arms:
         parse_arm(arm)  # a typo fails before any training
-    tasks = [(arm, seed) for seed in args.seeds for arm in args.arms]  # seed-major
+    tasks = task_order(args.arms, args.seeds)
     args.jobs = min(args.jobs or max(1, (os.cpu_count() or 1) // args.threads), len(tasks))
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.time()

@@ -239,6 +239,15 @@ def test_baselines_benchmark_runs_the_protocol_and_writes_its_table(tmp_path, ca
     assert two == saved["rows"]
 
 
+def test_baselines_benchmark_runs_the_nir_comparison_first():
+    bench = _benchmark()
+    order = bench.task_order(["triplet", "proxy_anchor+nir:release", "arcface", "proxy_anchor"],
+                             [1, 2])
+    assert order == [("proxy_anchor+nir:release", 1), ("proxy_anchor", 1),
+                     ("proxy_anchor+nir:release", 2), ("proxy_anchor", 2),
+                     ("triplet", 1), ("arcface", 1), ("triplet", 2), ("arcface", 2)]
+
+
 def test_baselines_benchmark_refuses_nir_on_a_pair_loss_before_training(tmp_path):
     bench = _benchmark()
     with pytest.raises(SystemExit, match="NIR needs class proxies"):
