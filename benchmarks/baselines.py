@@ -16,12 +16,14 @@ Writes, after every finished cross-validation (so a stopped run leaves a table o
 ``OUT/results.md`` (test R@1, MAP@R, NMI, mean +- std over seeds, both ways; validation R@1; the
 NIR arms' paired differences to their base loss), ``OUT/results.json``, and every run under
 ``OUT/runs/<arm>-seed<k>/`` (finished folds are reused and an unfinished one resumes, so the
-script itself resumes).
+script itself resumes). ``--report`` rewrites the tables from the cross-validations finished
+under ``--out`` without training anything (the arms and seeds asked for, where done).
 
     python benchmarks/baselines.py --out runs/baselines                  # hours on a 2-core CPU
     python benchmarks/baselines.py --arms triplet arcface --epochs 1 --seeds 1 --folds 2 \\
         --out runs/baselines_smoke
     python benchmarks/baselines.py --digits --epochs 1 --seeds 1 --folds 2 --out runs/bl_digits
+    python benchmarks/baselines.py --report --out runs/baselines         # tables of what is done
 
 ``--jobs N`` runs N cross-validations at once in worker processes of ``--threads`` torch threads
 each (default 1 thread, as many jobs as cores): on a 2-core CPU two 1-thread jobs train ~1.3x
@@ -104,9 +106,8 @@ def slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in ".-+" else "_" for c in text).strip("_")
 
 
-def run_arm(arm: str, seed: int, args: argparse.Namespace) -> dict:
-    """One cross-validation (resumable) of ``arm`` with ``seed``: its crossval summary."""
-    from nirdml.crossval import crossval, print_log
+def arm_config(arm: str, seed: int, args: argparse.Namespace):
+    """The config of ``arm`` with ``seed`` and the folder of its cross-validation."""
     from nirdml.training.config import load_config
 
     loss, nir = parse_arm(arm)
@@ -115,20 +116,55 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace) -> dict:
     if args.epochs:
         overrides.append(f"train.epochs={args.epochs}")
     cfg = load_config(CONFIGS[loss], overrides + nir + args.extra)
-    out = args.out / "runs" / f"{slug(arm)}-seed{seed}"
+    return cfg, args.out / "runs" / f"{slug(arm)}-seed{seed}"
 
-    def log(message: str) -> None:
-        print_log(f"[{arm} seed {seed}] {message}")
-    t0 = time.time()
-    summary = crossval(cfg, args.folds, out, log=log)
+
+def _timed(summary: dict, arm: str, wall_s: float | None) -> dict:
+    """``summary`` with the arm, its wall time and the median seconds per epoch of its folds."""
     secs = []
     for fold in summary["fold_runs"]:
         metrics = Path(fold["run"]) / "metrics.jsonl"
         secs += [json.loads(line)["time/epoch_s"] for line in metrics.read_text().splitlines()
                  if "time/epoch_s" in line]
     summary["sec_per_epoch"] = statistics.median(secs) if secs else None
-    summary["arm"], summary["wall_s"] = arm, time.time() - t0
+    summary["arm"], summary["wall_s"] = arm, wall_s
     return summary
+
+
+def run_arm(arm: str, seed: int, args: argparse.Namespace) -> dict:
+    """One cross-validation (resumable) of ``arm`` with ``seed``: its crossval summary."""
+    from nirdml.crossval import crossval, print_log
+
+    cfg, out = arm_config(arm, seed, args)
+
+    def log(message: str) -> None:
+        print_log(f"[{arm} seed {seed}] {message}")
+    t0 = time.time()
+    summary = crossval(cfg, args.folds, out, log=log)
+    return _timed(summary, arm, time.time() - t0)
+
+
+def report(tasks: list[tuple[str, int]], args: argparse.Namespace) -> int:
+    """``--report``: the tables from the cross-validations finished under ``--out`` (read
+    back, nothing trained or evaluated); the unfinished ones are listed."""
+    from nirdml.crossval import finished_summary
+
+    results: dict[str, dict[int, dict]] = {arm: {} for arm in args.arms}
+    missing = []
+    for arm, seed in tasks:
+        cfg, out = arm_config(arm, seed, args)
+        summary = finished_summary(cfg, args.folds, out)
+        if summary is None:
+            missing.append(f"{arm} seed {seed}")
+        else:
+            results[arm][seed] = _timed(summary, arm, None)
+    results = {arm: r for arm, r in results.items() if r}
+    if results:
+        print(write_tables(results, args, "read back from the finished runs (s/epoch: the "
+                           "median of each run as it trained)"))
+    if missing:
+        print(f"not finished (not in the tables): {'; '.join(missing)}")
+    return 0
 
 
 def task_order(arms: list[str], seeds: list[int]) -> list[tuple[str, int]]:
@@ -219,7 +255,7 @@ def markdown(rows: list[dict], header: str) -> str:
 
 
 def write_tables(results: dict[str, dict[int, dict]], args: argparse.Namespace,
-                 start: float, threads: int) -> str:
+                 timing: str) -> str:
     import torch
 
     from nirdml.files import atomic_write_text
@@ -232,9 +268,8 @@ def write_tables(results: dict[str, dict[int, dict]], args: argparse.Namespace,
               f"model, epoch selected on the held-out fold; test classes, % (mean +- std over "
               f"seeds {', '.join(map(str, args.seeds))}, where done); concat. = the "
               f"{args.folds} fold models' embeddings concatenated, sep. = the mean of the "
-              f"single fold models; overrides {args.extra or 'none'}; torch {torch.__version__}, "
-              f"{threads} thread(s) per run, {args.jobs} run(s) at once (s/epoch is per run); "
-              f"{time.time() - start:.0f}s in this invocation")
+              f"single fold models; overrides {args.extra or 'none'}; torch {torch.__version__}; "
+              f"{timing}")
     text = markdown(rows, header)
     atomic_write_text(args.out / "results.md", text)
     atomic_write_text(args.out / "results.json", json.dumps(
@@ -265,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="the offline digits instead of Omniglot (a smoke test)")
     p.add_argument("--set", dest="extra", action="append", default=[],
                    help="a config override applied to every arm (e.g. optim.lr=0.0005)")
+    p.add_argument("--report", action="store_true",
+                   help="only rewrite the tables from the cross-validations finished under "
+                        "--out (trains nothing)")
     args = p.parse_args(argv)
     if not args.digits and not args.root.exists():
         print(f"Omniglot not found at {args.root}; pass --root (or --digits)", file=sys.stderr)
@@ -275,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     for arm in args.arms:
         parse_arm(arm)  # a typo fails before any training
     tasks = task_order(args.arms, args.seeds)
+    if args.report:
+        return report(tasks, args)
     args.jobs = min(args.jobs or max(1, (os.cpu_count() or 1) // args.threads), len(tasks))
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.time()
@@ -292,7 +332,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{100 * summary['test_concatenated']['recall@1']:.2f}, separated "
               f"{100 * summary['test_separated']['mean']['recall@1']:.2f} "
               f"({summary['wall_s']:.0f}s)", flush=True)
-        write_tables({a: r for a, r in results.items() if r}, args, start, args.threads)
+        write_tables({a: r for a, r in results.items() if r}, args,
+                     f"{args.threads} thread(s) per run, {args.jobs} run(s) at once (s/epoch is "
+                     f"per run); {time.time() - start:.0f}s in this invocation")
 
     if args.jobs == 1:
         import torch

@@ -230,6 +230,19 @@ def test_baselines_benchmark_runs_the_protocol_and_writes_its_table(tmp_path, ca
     assert "NIR" in json.loads((tmp_path / "one/runs/proxy_anchor+nir_paper_dim_w_0.1-seed1/"
                                 "crossval.json").read_text())["loss"]
 
+    # --report reads the finished runs back (same rows, nothing trained); an arm not run is
+    # listed as unfinished, and a run under another config is refused
+    (tmp_path / "one" / "results.json").unlink()
+    capsys.readouterr()
+    assert bench.main([*grid, "--arms", *arms, "arcface", "--report", "--out",
+                       str(tmp_path / "one")]) == 0
+    assert "not finished (not in the tables): arcface seed 1; arcface seed 2" in (
+        capsys.readouterr().out)
+    assert json.loads((tmp_path / "one" / "results.json").read_text())["rows"] == saved["rows"]
+    assert not (tmp_path / "one" / "runs" / "arcface-seed1").exists()
+    with pytest.raises(ConfigError, match="trained with another config"):
+        bench.main([*grid, "--report", "--set", "optim.lr=0.01", "--out", str(tmp_path / "one")])
+
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "baselines.py"
     subprocess.run([sys.executable, str(script), *grid, "--jobs", "2", "--out",
                     str(tmp_path / "two")], check=True, capture_output=True)

@@ -219,6 +219,27 @@ def crossval(cfg: Config, folds: int, out: str | Path, log: Callable[[str], None
     return summary
 
 
+def finished_summary(cfg: Config, folds: int, out: str | Path) -> dict[str, Any] | None:
+    """The summary a finished ``crossval(cfg, folds, out)`` wrote, read back without training
+    or evaluating; None when ``out`` holds no finished cross-validation of ``cfg`` (a fold
+    missing or unfinished, or ``crossval.json`` not written yet). ConfigError when a fold
+    there was trained with another config."""
+    out = Path(out)
+    path = out / "crossval.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    if summary.get("folds") != int(folds):
+        return None
+    for k in range(int(folds)):
+        run = RunDir(out / f"fold{k}")
+        if not (run.final.is_file() and run.config.is_file()):
+            return None
+        if _check_same_run(run, fold_config(cfg, folds, k)):
+            return None  # it must train more epochs
+    return summary
+
+
 def _selected_checkpoint(run_root: Path) -> Path:
     run = RunDir(run_root)
     best = run.checkpoint("best.pt")
