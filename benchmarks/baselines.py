@@ -149,6 +149,10 @@ def report(tasks: list[tuple[str, int]], args: argparse.Namespace) -> int:
     back, nothing trained or evaluated); the unfinished ones are listed."""
     from nirdml.crossval import finished_summary
 
+    if not (args.out / "runs").is_dir():
+        print(f"--report: no runs under {args.out} (its runs/ folder is missing); pass the "
+              f"--out the grid ran with", file=sys.stderr)
+        return 2
     results: dict[str, dict[int, dict]] = {arm: {} for arm in args.arms}
     missing = []
     for arm, seed in tasks:

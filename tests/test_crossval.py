@@ -242,6 +242,8 @@ def test_baselines_benchmark_runs_the_protocol_and_writes_its_table(tmp_path, ca
     assert not (tmp_path / "one" / "runs" / "arcface-seed1").exists()
     with pytest.raises(ConfigError, match="trained with another config"):
         bench.main([*grid, "--report", "--set", "optim.lr=0.01", "--out", str(tmp_path / "one")])
+    assert bench.main([*grid, "--report", "--out", str(tmp_path / "none")]) == 2
+    assert "no runs under" in capsys.readouterr().err
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "baselines.py"
     subprocess.run([sys.executable, str(script), *grid, "--jobs", "2", "--out",
