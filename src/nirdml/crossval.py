@@ -83,6 +83,16 @@ def _check_same_run(run: RunDir, cfg: Config) -> bool:
     return more_epochs is not None
 
 
+def _finished(run: RunDir, cfg: Config) -> bool:
+    """Whether ``run`` is a finished training of ``cfg`` (its checkpoint and ``final.json``
+    there, not owing more epochs); ConfigError when a started run there was trained with
+    another config."""
+    if not run.checkpoint().is_file():
+        return False
+    more = _check_same_run(run, cfg) if run.config.is_file() else False
+    return run.final.is_file() and not more
+
+
 def train_run(cfg: Config, out: str | Path, log: Callable[[str], None] | None = None) -> str:
     """Train ``cfg`` into ``out`` unless it is done: ``"reused"`` (``final.json`` there, same
     config), ``"resumed"`` (from ``checkpoints/last.pt``) or ``"trained"`` (from scratch; a
@@ -92,8 +102,7 @@ def train_run(cfg: Config, out: str | Path, log: Callable[[str], None] | None = 
     run = RunDir(out)
     with _lock(run.root.parent / f".{run.root.name}.lock"):
         if run.checkpoint().is_file():
-            more = _check_same_run(run, cfg) if run.config.is_file() else False
-            if run.final.is_file() and not more:
+            if _finished(run, cfg):
                 return "reused"
             if log:
                 log(f"{run.root}: resuming from {run.checkpoint()}")
@@ -231,13 +240,10 @@ def finished_summary(cfg: Config, folds: int, out: str | Path) -> dict[str, Any]
     summary = json.loads(path.read_text())
     if summary.get("folds") != int(folds):
         return None
-    for k in range(int(folds)):
-        run = RunDir(out / f"fold{k}")
-        if not (run.final.is_file() and run.config.is_file()):
-            return None
-        if _check_same_run(run, fold_config(cfg, folds, k)):
-            return None  # it must train more epochs
-    return summary
+    if all(_finished(RunDir(out / f"fold{k}"), fold_config(cfg, folds, k))
+           for k in range(int(folds))):
+        return summary
+    return None
 
 
 def _selected_checkpoint(run_root: Path) -> Path:
