@@ -254,7 +254,12 @@ def test_bad_k_and_bad_index_dirs(files, tmp_path):
     corrupt = tmp_path / "corrupt"
     shutil.copytree(files["index"], corrupt)
     (corrupt / "index.faiss").write_bytes(b"garbage")
-    with pytest.raises(ConfigError, match="not a readable faiss index"):
+    with pytest.raises(ConfigError, match="does not match the checksum"):
+        Retriever.load(corrupt, load_model=False)
+    meta = json.loads((corrupt / "meta.json").read_text())  # as an older nirdml wrote it
+    del meta["checksums"]
+    (corrupt / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="not the flat faiss index of 12 x 16"):
         Retriever.load(corrupt, load_model=False)
 
 
@@ -262,7 +267,8 @@ def test_index_and_search_commands(files, tmp_path, capsys):
     out = tmp_path / "cli_index"
     assert main(["index", "build", "--checkpoint", str(files["ckpt"]), "--gallery",
                  str(files["gallery"]), "--out", str(out), "--device", "cpu"]) == 0
-    assert {p.name for p in out.iterdir()} == {"index.faiss", "meta.json", "labels.npy"}
+    assert {p.name for p in out.iterdir()} == {"index.faiss", "meta.json", "labels.npy",
+                                               ".nirdml"}  # the marker: an index folder
     meta = json.loads((out / "meta.json").read_text())
     assert meta["checkpoint"] == str(files["ckpt"].resolve()) and meta["dim"] == 16
     assert len(meta["fingerprint"]) == 64 and meta["config"]["model"]["name"] == "small_cnn"
@@ -387,7 +393,7 @@ def test_gallery_index_alone_builds_saves_loads_and_searches_like_brute_force(tm
     assert len(index) == 200 and index.dim == 12 and index.spec.type == "flat"
     index.save(tmp_path / "idx")
     assert {p.name for p in (tmp_path / "idx").iterdir()} == {"index.faiss", "meta.json",
-                                                              "labels.npy"}
+                                                              "labels.npy", ".nirdml"}
     back = GalleryIndex.load(tmp_path / "idx")
     np.testing.assert_array_equal(back.labels, labels)
     assert back.paths == index.paths and back.class_names == list("abcde")

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from nirdml.data.image_files import apply_pixel_limit, exceeds_pixel_limit, too_large
 from nirdml.errors import ConfigError, DatasetError
 
 ON_ERROR = ("skip", "fail")
@@ -234,7 +235,10 @@ class FileDataset(LabeledDataset):
         return self._paths
 
     def _read(self, i: int) -> Image.Image:
+        apply_pixel_limit()
         with Image.open(self._paths[i]) as image:
+            if exceeds_pixel_limit(image.size):  # refused from its header, never decoded
+                raise ValueError(too_large(image.size))
             image = image.convert(self.mode)  # decodes the whole file (truncation raises here)
         return ImageOps.invert(image) if self.invert else image
 

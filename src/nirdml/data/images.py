@@ -1,7 +1,8 @@
 """Reading image files to embed them: decoding with clear errors, folder listing, a Dataset.
 
 Query images and folder galleries (``nirdml search``, ``nirdml index build --gallery FOLDER``)
-are read here; the :class:`~nirdml.data.preprocessing.ImagePrep` of a checkpoint's
+are read here (folders by :mod:`nirdml.data.image_files`' class-folder rule, images under its
+pixel limit); the :class:`~nirdml.data.preprocessing.ImagePrep` of a checkpoint's
 preprocessing record turns each decoded image into a model input.
 """
 
@@ -14,7 +15,13 @@ from pathlib import Path
 
 import torch
 
-from nirdml.data.datasets.core import IMAGE_EXTENSIONS
+from nirdml.data.image_files import (
+    IMAGE_EXTENSIONS,
+    apply_pixel_limit,
+    exceeds_pixel_limit,
+    scan_class_folders,
+    too_large,
+)
 from nirdml.data.preprocessing import ImagePrep
 from nirdml.errors import InputError
 
@@ -25,48 +32,45 @@ __all__ = ["IMAGE_EXTENSIONS", "ImageFileDataset", "collate_skipping_bad", "list
 def load_image(path: str | os.PathLike, in_chans: int = 3):
     """Open and fully decode ``path`` as a PIL image in ``L`` (1 channel) or ``RGB`` mode.
 
-    Raises InputError for a missing file or one that cannot be decoded.
+    Raises InputError for a missing file, one that cannot be decoded, or one whose header claims
+    more than :data:`~nirdml.data.image_files.MAX_IMAGE_PIXELS` pixels (refused before decoding).
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     path = Path(path)
     if not path.is_file():
         raise InputError(f"image {str(path)!r} does not exist or is not a file")
+    apply_pixel_limit()
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # PIL warns between the limit and twice the limit; the size check below refuses
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as img:
+                if exceeds_pixel_limit(img.size):
+                    raise InputError(f"image {str(path)!r} is {too_large(img.size)}; use a "
+                                     f"smaller image")
                 img.load()
                 return img.convert("L" if in_chans == 1 else "RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
-            Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError:
+        raise InputError(f"image {str(path)!r} is {too_large()}; use a smaller image") from None
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - PIL's decoders raise many types for a bad file
+        text = str(exc).splitlines()[0] if str(exc) else "corrupt"
         raise InputError(
-            f"cannot decode image {str(path)!r} ({type(exc).__name__}: {exc}); "
+            f"cannot decode image {str(path)!r} ({type(exc).__name__}: {text}); "
             f"use a readable {'/'.join(e[1:] for e in IMAGE_EXTENSIONS[:5])}... file"
         ) from None
 
 
 def list_image_folder(root: str | os.PathLike) -> tuple[list[str], list[str], list[int]]:
-    """Images under ``root`` (recursive, sorted): ``(paths, class_names, labels)``.
+    """A folder gallery ``root/<class>/**/<image>``: ``(paths, class_names, labels)``.
 
-    The class of an image is the name of its parent folder; ``labels`` index ``class_names``.
+    :func:`~nirdml.data.image_files.scan_class_folders` reads it (the class is the first folder
+    level, hidden names are skipped, images directly in ``root`` are refused); its errors are
+    InputError here.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise InputError(f"gallery folder {str(root)!r} does not exist or is not a folder")
-    paths = sorted(
-        str(p) for p in root.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-    )
-    if not paths:
-        raise InputError(
-            f"gallery folder {str(root)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
-            f"lay them out as {root}/<class name>/<image>"
-        )
-    parents = [Path(p).parent.name for p in paths]
-    class_names = sorted(set(parents))
-    index = {name: i for i, name in enumerate(class_names)}
-    return paths, class_names, [index[name] for name in parents]
+    return scan_class_folders(root, what="gallery", error=InputError)
 
 
 class ImageFileDataset(torch.utils.data.Dataset):

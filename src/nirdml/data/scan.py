@@ -5,8 +5,10 @@ or -- worse -- be replaced by another image of its class, which puts exact dupli
 evaluation split and inflates its metrics. :func:`scan_splits` checks every file of every split
 up front, in parallel: PIL opens it (header) and verifies it (PNG: every chunk's CRC up to
 IEND; other formats their structure), and a JPEG must end with its end-of-image marker, which
-a truncated download lacks. Results are cached by the list of (path, size, mtime), so a second
-run over unchanged files costs only a ``stat`` per file.
+a truncated download lacks; an image over the pixel limit of :mod:`nirdml.data.image_files` is
+refused from its header (a decompression bomb is never decoded). Results are cached by the
+list of (path, size, mtime), so a second run over unchanged files costs only a ``stat`` per
+file.
 
 ``on_error="fail"`` raises :class:`DatasetError` naming the files; ``"skip"`` removes them from
 their split (never substitutes them) and reports how many went from each split.
@@ -17,13 +19,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from nirdml.data import image_files
 from nirdml.data.base import LabeledDataset, Splits
+from nirdml.data.image_files import apply_pixel_limit, exceeds_pixel_limit, too_large
 from nirdml.errors import DatasetError
 from nirdml.files import atomic_write_text
 
@@ -31,9 +36,15 @@ _JPEG_END = b"\xff\xd9"
 
 
 def check_image(path: str) -> str | None:
-    """``None`` if ``path`` is a readable image, else the reason it is not (one line)."""
+    """``None`` if ``path`` is a readable image, else the reason it is not (one line).
+
+    An image whose header claims more than :data:`~nirdml.data.image_files.MAX_IMAGE_PIXELS`
+    pixels is unreadable (``"too large (...)"``): nothing of it is decoded."""
+    apply_pixel_limit()
     try:
         with Image.open(path) as image:
+            if exceeds_pixel_limit(image.size):
+                return too_large(image.size)
             fmt = image.format
             image.verify()
         if fmt == "JPEG":
@@ -44,8 +55,10 @@ def check_image(path: str) -> str | None:
                 return "truncated JPEG (no end-of-image marker)"
     except FileNotFoundError:
         return "file not found"
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return too_large()
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for a bad file
-        return f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+        return (f"{type(exc).__name__}: {exc}".splitlines() or ["unreadable"])[0][:200]
     return None
 
 
@@ -59,7 +72,8 @@ def _cache_file(paths: list[str]) -> tuple[Path, list[tuple[str, int, int]]]:
             stats.append((p, st.st_size, st.st_mtime_ns))
         except OSError:
             stats.append((p, -1, -1))
-    key = hashlib.sha256(json.dumps(stats).encode()).hexdigest()
+    # the pixel limit is part of the key: a result found under another limit is not reused
+    key = hashlib.sha256(json.dumps([image_files.MAX_IMAGE_PIXELS, stats]).encode()).hexdigest()
     return default_cache_dir().parent / "scans" / f"{key}.json", stats
 
 
@@ -76,9 +90,15 @@ def find_unreadable(paths: list[str], workers: int | None = None,
             pass
     missing = {p: "file not found" for p, size, _ in stats if size < 0}
     todo = [p for p in paths if p not in missing]
-    with ThreadPoolExecutor(max_workers=workers or min(16, (os.cpu_count() or 2) * 2)) as pool:
-        reasons = pool.map(check_image, todo, chunksize=64)
-        bad = {**missing, **{p: r for p, r in zip(todo, reasons) if r is not None}}
+    # PIL warns about images between the pixel limit and twice it; check_image refuses them
+    # itself. The filter is set here, in one thread, for the workers (catch_warnings is not
+    # thread-safe).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with ThreadPoolExecutor(max_workers=workers or min(16, (os.cpu_count() or 2) * 2)
+                                ) as pool:
+            reasons = list(pool.map(check_image, todo, chunksize=64))
+    bad = {**missing, **{p: r for p, r in zip(todo, reasons) if r is not None}}
     if cache_path is not None:
         try:
             cache_path.parent.mkdir(parents=True, exist_ok=True)

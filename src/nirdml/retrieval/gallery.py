@@ -4,7 +4,7 @@
 labels, optional paths and class names, and a ``source`` record for the index's meta) with a
 :class:`~nirdml.run.TrainedRun`: a split is embedded with the evaluation transform, a folder's
 images with the run's query preprocessing (undecodable files skipped and recorded, or fatal),
-and an ``.npz`` is read as it is.
+and an ``.npz`` is read as it is. File paths of split and folder galleries are absolute.
 """
 
 from __future__ import annotations
@@ -82,19 +82,21 @@ def embed_split(run, split: str, batch_size: int | None = None,
     paths = getattr(dataset, "paths", None)
     names = getattr(dataset, "class_names", None)
     return Gallery(emb.embeddings[rows], np.asarray(emb.labels)[rows],
-                   None if paths is None else [str(paths[i]) for i in rows],
+                   None if paths is None else [os.path.abspath(paths[i]) for i in rows],
                    None if names is None else [str(c) for c in names],
                    {"kind": "split", "value": split, "dataset": run.config.data.name})
 
 
 def embed_folder(run, folder: str, on_error: str = "skip", batch_size: int | None = None,
                  num_workers: int | None = None) -> Gallery:
-    """The images under ``folder`` (class = parent folder name), prepared like query images
+    """The images under ``folder`` (``folder/<class>/**/<image>``: the class is the first folder
+    level, see :mod:`nirdml.data.image_files`), prepared like query images
     (``run.query_preprocessing``); undecodable ones are skipped and listed in
-    ``source["skipped"]``, or with ``on_error="fail"`` raise InputError."""
+    ``source["skipped"]``, or with ``on_error="fail"`` raise InputError. Paths are absolute, so
+    an index finds them from any working directory."""
     from nirdml.data.images import list_image_folder
 
-    paths, class_names, labels = list_image_folder(folder)
+    paths, class_names, labels = list_image_folder(os.path.abspath(folder))
     emb, kept, bad = run.embed_files(paths, skip_bad=on_error != "fail", batch_size=batch_size,
                                      num_workers=num_workers)
     if not kept:

@@ -12,13 +12,24 @@ An index directory holds three files::
 ``meta.json`` is written last (every file atomically), so a directory without it is an
 unfinished index. The index knows nothing about models or images: the origin is stored and read
 back as it is; :class:`~nirdml.retrieval.retriever.Retriever` checks it against a checkpoint.
+
+An index is written only into a folder nirdml owns (:mod:`nirdml.owned`, kind ``"index"``): a
+new or empty folder, an index written before (replaced), or an index of an older nirdml (no
+marker, recognised by its ``meta.json``); anything else is refused. ``meta.json`` stores the
+gallery paths absolute (an index opened from another working directory finds its files; older
+indexes keep the paths they stored) and the sha256 of ``index.faiss`` and ``labels.npy``: a
+corrupt or replaced file is refused before faiss or numpy parse it. Every field of ``meta.json``
+is type-checked on load, so a damaged index ends in a one-line ConfigError, never in another
+exception or a wrong label.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +40,7 @@ import numpy as np
 from nirdml.embeddings import l2_normalize
 from nirdml.errors import CheckpointError, ConfigError, InputError
 from nirdml.files import atomic_write_bytes
+from nirdml.owned import check_folder, claim_folder
 from nirdml.retrieval.faiss_index import (
     IndexSpec,
     build_index,
@@ -38,6 +50,8 @@ from nirdml.retrieval.faiss_index import (
 
 INDEX_FILE, META_FILE, LABELS_FILE = "index.faiss", "meta.json", "labels.npy"
 META_VERSION = 1
+OWNED_KIND = "index"  # the kind in the folder's nirdml marker
+_MAX_DIM, _MAX_SIZE = 1 << 20, 1 << 40  # sanity bounds for meta.json's dim and size
 _HINT = "build one with: nirdml index build --checkpoint CKPT --gallery GALLERY --out DIR"
 
 
@@ -123,7 +137,8 @@ class IndexOrigin:
         the index has none; the image size is the stored config's)."""
         from nirdml.data.preprocessing import Preprocessing
 
-        image_size = ((self.config or {}).get("data") or {}).get("image_size")
+        data = (self.config or {}).get("data")
+        image_size = data.get("image_size") if isinstance(data, dict) else None
         return Preprocessing.plain(self.image_kind or image_kind, self.in_chans, image_size,
                                    **self.preprocess)
 
@@ -199,10 +214,11 @@ class GalleryIndex:
                              self.class_names)
 
     # ---- persistence ---------------------------------------------------------------------
-    def meta(self) -> dict[str, Any]:
-        """The content of ``meta.json``."""
+    def meta(self, checksums: dict[str, str] | None = None) -> dict[str, Any]:
+        """The content of ``meta.json`` (gallery paths absolute where they name files relative
+        to the working directory; ``checksums``: sha256 of the index's other files)."""
         o = self.origin
-        return {
+        meta = {
             "format_version": META_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "size": len(self),
@@ -216,23 +232,33 @@ class GalleryIndex:
             "preprocess": o.preprocess,
             "gallery": self.source,
             "class_names": self.class_names,
-            "paths": self.paths,
+            "paths": _absolute_paths(self.paths),
             "config": o.config,
         }
+        if checksums is not None:
+            meta["checksums"] = checksums
+        return meta
 
-    def save(self, index_dir: str | os.PathLike) -> Path:
-        """Write ``index.faiss``, ``labels.npy`` and (last) ``meta.json`` into ``index_dir``."""
+    def save(self, index_dir: str | os.PathLike, option: str = "index directory") -> Path:
+        """Write ``index.faiss``, ``labels.npy`` and (last) ``meta.json`` into ``index_dir``: a
+        new or empty folder, or an index nirdml wrote (replaced); any other folder or a file is
+        refused with a ConfigError naming ``option``, before anything is written."""
         import faiss
 
         out = Path(index_dir)
+        claim_folder(out, OWNED_KIND, option, legacy=_is_legacy_index(out))
         try:
-            out.mkdir(parents=True, exist_ok=True)
             (out / META_FILE).unlink(missing_ok=True)  # the directory is unfinished until the end
-            atomic_write_bytes(out / INDEX_FILE, faiss.serialize_index(self.index).tobytes())
+            index_bytes = faiss.serialize_index(self.index).tobytes()
             labels = io.BytesIO()
             np.save(labels, self.labels)
-            atomic_write_bytes(out / LABELS_FILE, labels.getvalue())
-            atomic_write_bytes(out / META_FILE, json.dumps(self.meta(), indent=1).encode())
+            labels_bytes = labels.getvalue()
+            atomic_write_bytes(out / INDEX_FILE, index_bytes)
+            atomic_write_bytes(out / LABELS_FILE, labels_bytes)
+            checksums = {INDEX_FILE: hashlib.sha256(index_bytes).hexdigest(),
+                         LABELS_FILE: hashlib.sha256(labels_bytes).hexdigest()}
+            atomic_write_bytes(out / META_FILE,
+                               json.dumps(self.meta(checksums), indent=1).encode())
         except OSError as exc:
             raise ConfigError(f"cannot write the index to {str(out)!r}: {exc}") from exc
         return out
@@ -243,18 +269,55 @@ class GalleryIndex:
         unfinished, of another format, corrupt or inconsistent)."""
         folder = Path(index_dir)
         meta = _read_meta(folder)
-        index, labels = _read_index(folder), _read_labels(folder)
+        verified = _verify_checksums(folder, meta.get("checksums"))
+        labels = _read_labels(folder, meta["size"])
+        index = _read_index(folder, meta, verified)
         paths = meta.get("paths")
-        sizes = {index.ntotal, labels.shape[0], meta.get("size")}
+        sizes = {index.ntotal, labels.shape[0], meta["size"]}
         if len(sizes) != 1 or (paths is not None and len(paths) != index.ntotal) \
-                or index.d != meta.get("dim"):
+                or index.d != meta["dim"]:
             raise ConfigError(f"{str(folder)!r} is inconsistent (index {index.ntotal}x{index.d}, "
-                              f"{labels.shape[0]} labels, meta size {meta.get('size')}, "
-                              f"dim {meta.get('dim')}); rebuild it")
+                              f"{labels.shape[0]} labels, meta size {meta['size']}, "
+                              f"dim {meta['dim']}); rebuild it")
+        names = meta.get("class_names")
+        if names is not None and labels.size and (labels.min() < 0
+                                                  or labels.max() >= len(names)):
+            raise ConfigError(f"{str(folder)!r} is inconsistent (labels "
+                              f"{labels.min()}..{labels.max()} for {len(names)} class names); "
+                              f"rebuild it")
         spec = IndexSpec(**{k: v for k, v in (meta.get("index") or {}).items()
                             if k in IndexSpec.__dataclass_fields__})
-        return cls(index, labels, paths, class_names=meta.get("class_names"),
-                   source=meta.get("gallery"), spec=spec, origin=IndexOrigin.from_meta(meta))
+        return cls(index, labels, paths, class_names=names, source=meta.get("gallery"),
+                   spec=spec, origin=IndexOrigin.from_meta(meta))
+
+
+# ---------------------------------------------------------------------------------- folders
+def _absolute_paths(paths: list[str] | None) -> list[str] | None:
+    """``paths`` with every relative one that names an existing file (from the working
+    directory) made absolute; others (e.g. names from an ``.npz``) are kept as they are."""
+    if paths is None:
+        return None
+    return [p if os.path.isabs(p) or not os.path.lexists(p) else os.path.abspath(p)
+            for p in map(str, paths)]
+
+
+def _is_legacy_index(folder: Path) -> bool:
+    """Whether ``folder`` holds an index of an older nirdml: no marker, but a ``meta.json``
+    that is recognisably an index's (its format version, dim, size and metric)."""
+    try:
+        meta = json.loads((folder / META_FILE).read_text())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return (isinstance(meta, dict) and isinstance(meta.get("format_version"), int)
+            and isinstance(meta.get("dim"), int) and isinstance(meta.get("size"), int)
+            and str(meta.get("metric", "")).startswith("inner_product"))
+
+
+def check_index_folder(folder: str | os.PathLike, option: str = "index directory") -> bool:
+    """ConfigError unless an index may be written to ``folder`` (nothing is written): True
+    when it holds an index already (to be replaced), False when it is new or empty."""
+    folder = Path(folder)
+    return check_folder(folder, OWNED_KIND, option, legacy=_is_legacy_index(folder))
 
 
 def _read_meta(folder: Path) -> dict[str, Any]:
@@ -265,33 +328,161 @@ def _read_meta(folder: Path) -> dict[str, Any]:
         raise ConfigError(f"{str(folder)!r} is not a (complete) index directory: missing "
                           f"{', '.join(missing)}; {_HINT}")
     try:
-        meta = json.loads((folder / META_FILE).read_text())
+        meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
         if not isinstance(meta, dict):
             raise ValueError("not a JSON object")
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{str(folder / META_FILE)!r} is unreadable: {exc}") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{str(folder / META_FILE)!r} is unreadable ({text}); "
+                          f"rebuild the index") from None
     if meta.get("format_version") != META_VERSION:
-        raise ConfigError(f"{str(folder)!r} has index format {meta.get('format_version')}, "
+        raise ConfigError(f"{str(folder)!r} has index format {meta.get('format_version')!r}, "
                           f"this nirdml reads format {META_VERSION}; rebuild it")
+    _check_meta_types(meta, folder / META_FILE)
     return meta
 
 
-def _read_index(folder: Path):
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, str | float) or _is_int(value)
+
+
+def _optional(check):
+    return lambda value: value is None or check(value)
+
+
+def _list_of(check):
+    return lambda value: isinstance(value, list) and all(check(v) for v in value)
+
+
+def _is_input_size(value: Any) -> bool:
+    return (isinstance(value, list) and len(value) == 2
+            and all(_is_int(v) and 0 < v <= _MAX_DIM for v in value))
+
+
+def _is_spec(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(v, str) if k == "type" else v is None or _is_int(v)
+        for k, v in value.items() if k in IndexSpec.__dataclass_fields__)
+
+
+def _is_preprocess(value: Any) -> bool:
+    return isinstance(value, dict) and isinstance(value.get("invert", False), bool) \
+        and _optional(_is_input_size)(value.get("input_size"))
+
+
+def _is_checksums(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(value.get(f), str)
+                                           for f in (INDEX_FILE, LABELS_FILE))
+
+
+# field of meta.json -> (check, what it must be); every field may be absent but size and dim
+_META_FIELDS = {
+    "size": (lambda v: _is_int(v) and 0 <= v <= _MAX_SIZE, "a non-negative integer"),
+    "dim": (lambda v: _is_int(v) and 0 < v <= _MAX_DIM, "a positive integer"),
+    "index": (_optional(_is_spec), "an object of index parameters"),
+    "checkpoint": (_optional(lambda v: isinstance(v, str)), "a path or null"),
+    "fingerprint": (_optional(lambda v: isinstance(v, str)), "a string or null"),
+    "image_kind": (_optional(lambda v: isinstance(v, str)), "a string or null"),
+    "in_chans": (_optional(lambda v: _is_int(v) and v > 0), "a positive integer or null"),
+    "preprocess": (_optional(_is_preprocess), "an object (invert, input_size)"),
+    "gallery": (_optional(lambda v: isinstance(v, dict)), "an object or null"),
+    "class_names": (_optional(_list_of(_is_scalar)), "a list of names or null"),
+    "paths": (_optional(_list_of(lambda v: isinstance(v, str))), "a list of paths or null"),
+    "config": (_optional(lambda v: isinstance(v, dict)), "an object or null"),
+    "checksums": (_optional(_is_checksums), f"an object with {INDEX_FILE} and {LABELS_FILE}"),
+}
+
+
+def _check_meta_types(meta: dict[str, Any], path: Path) -> None:
+    """ConfigError naming the first field of ``meta`` of the wrong type."""
+    for key, (check, what) in _META_FIELDS.items():
+        if (key in meta or key in ("size", "dim")) and not check(meta.get(key)):
+            shown = json.dumps(meta.get(key))
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            raise ConfigError(f"{str(path)!r}: field {key!r} must be {what}, got {shown}; the "
+                              f"index is damaged: rebuild it")
+
+
+def _verify_checksums(folder: Path, checksums: dict[str, str] | None) -> bool:
+    """Compare the index's files with the sha256 meta.json recorded (ConfigError on a
+    mismatch); False when meta.json has none (an index of an older nirdml)."""
+    if checksums is None:
+        return False
+    for name in (INDEX_FILE, LABELS_FILE):
+        try:
+            with open(folder / name, "rb") as fh:
+                digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        except OSError as exc:
+            raise ConfigError(f"{str(folder / name)!r} cannot be read "
+                              f"({exc.strerror or exc}); rebuild the index") from None
+        if digest != checksums[name]:
+            raise ConfigError(f"{str(folder / name)!r} does not match the checksum in "
+                              f"{META_FILE} (corrupt or replaced); rebuild the index")
+    return True
+
+
+def _check_legacy_flat(path: Path, meta: dict[str, Any]) -> None:
+    """ConfigError unless the unverified faiss file of a flat index is exactly what faiss wrote
+    for ``meta``'s size and dim: a damaged size field could make faiss allocate gigabytes."""
     import faiss
 
+    n, d = meta["size"], meta["dim"]
+    empty = faiss.serialize_index(faiss.IndexFlatIP(d)).tobytes()
+    code_bytes = 4 * d * n  # float32 vectors; faiss records their count in floats
+    header = empty[:8] + struct.pack("<q", n) + empty[16:-8] + struct.pack("<Q", d * n)
     try:
-        return faiss.read_index(str(folder / INDEX_FILE))
-    except RuntimeError as exc:
-        raise ConfigError(f"{str(folder / INDEX_FILE)!r} is not a readable faiss index "
+        with open(path, "rb") as fh:
+            start = fh.read(len(header))
+        total = path.stat().st_size
+    except OSError as exc:
+        raise ConfigError(f"{str(path)!r} cannot be read ({exc.strerror or exc}); rebuild the "
+                          f"index") from None
+    if start != header or total != len(header) + code_bytes:
+        raise ConfigError(f"{str(path)!r} is not the flat faiss index of {n} x {d} its "
+                          f"{META_FILE} describes (corrupt); rebuild the index")
+
+
+def _read_index(folder: Path, meta: dict[str, Any], verified: bool):
+    import faiss
+
+    path = folder / INDEX_FILE
+    if not verified and (meta.get("index") or {}).get("type", "flat") == "flat":
+        _check_legacy_flat(path, meta)
+    try:
+        return faiss.read_index(str(path))
+    except (RuntimeError, MemoryError, OSError) as exc:
+        raise ConfigError(f"{str(path)!r} is not a readable faiss index "
                           f"({str(exc).splitlines()[0] if str(exc) else 'corrupt'}); "
                           f"rebuild it") from None
 
 
-def _read_labels(folder: Path) -> np.ndarray:
+def _read_labels(folder: Path, size: int) -> np.ndarray:
+    """The int64 labels of ``labels.npy``: a 1-d integer array of ``size`` entries, its header
+    checked before any data is read."""
+    path = folder / LABELS_FILE
+    fmt = np.lib.format
     try:
-        return np.load(folder / LABELS_FILE, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{str(folder / LABELS_FILE)!r} is unreadable: {exc}") from None
+        with open(path, "rb") as fh:
+            version = fmt.read_magic(fh)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f"unsupported .npy format version {version}")
+            read_header = fmt.read_array_header_1_0 if version == (1, 0) else \
+                fmt.read_array_header_2_0
+            shape, _, dtype = read_header(fh)
+            if dtype.kind not in "iu" or len(shape) != 1 or shape[0] != size:
+                raise ValueError(f"expected {size} integer labels, found {dtype} of shape "
+                                 f"{shape}")
+            if path.stat().st_size - fh.tell() != size * dtype.itemsize:
+                raise ValueError("its length does not match its header")
+            labels = np.fromfile(fh, dtype=dtype, count=size)
+    except Exception as exc:  # noqa: BLE001 - numpy's header parser raises many types
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{str(path)!r} is unreadable ({text}); rebuild the index") from None
+    return labels.astype(np.int64)
 
 
-__all__ = ["GalleryIndex", "IndexOrigin", "SearchResults"]
+__all__ = ["GalleryIndex", "IndexOrigin", "SearchResults", "check_index_folder"]

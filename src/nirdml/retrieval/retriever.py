@@ -178,9 +178,10 @@ class Retriever:
     def meta(self) -> dict[str, Any]:
         return self._require_index().meta()
 
-    def save(self, index_dir: str | os.PathLike) -> Path:
-        """Write the index directory (see :mod:`nirdml.retrieval.index`)."""
-        return self._require_index().save(index_dir)
+    def save(self, index_dir: str | os.PathLike, option: str = "index directory") -> Path:
+        """Write the index directory (see :mod:`nirdml.retrieval.index`): a new or empty folder,
+        or an index nirdml wrote; ``option`` names it in the ConfigError for any other."""
+        return self._require_index().save(index_dir, option=option)
 
 
 __all__ = ["Gallery", "Retriever", "SearchResults", "UnusualQueryWarning", "parse_gallery",

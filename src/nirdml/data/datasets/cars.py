@@ -5,9 +5,10 @@ Layouts under ``root``:
 - official: ``cars_annos.mat`` (struct array ``annotations`` with ``relative_im_path``, e.g.
   ``car_ims/000001.jpg`` relative to ``root``, and ``class`` 1..196); the classification
   ``test`` flag is ignored (DML uses all 16,185 images);
-- class folders: ``<class>/*.jpg`` directly under ``root`` (or under ``root/images``), class ids
-  from the folder names' leading number if all have one, else the sorted position (so the
-  first 98 sorted folders train).
+- class folders: ``<class>/**/*.jpg`` under ``root/images`` when that is a folder of class
+  folders, else under ``root`` (the class is the first folder level;
+  :mod:`nirdml.data.image_files`), class ids from the folder names' leading number if all have
+  one, else the sorted position (so the first 98 sorted folders train).
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from nirdml.data.datasets.core import (
     DATASETS,
     class_folders,
     class_ids,
-    images_in,
     layout_error,
     require_root,
+    scan_class_folders,
     split_by_class_id,
 )
 from nirdml.errors import DatasetError
@@ -40,18 +41,15 @@ def cars196(root: Path | None = None, seed: int = 0, on_error: str = "skip",
         paths, ids = _official(root)
         keys: list = list(ids)
     else:
-        for base in (root, root / "images"):
-            folders = [f for f in class_folders(base) if images_in(f)] if base.is_dir() else []
-            if folders:
-                break
-        else:
+        # root/images/<class>/ when there is such a folder of class folders, else root/<class>/
+        images = root / "images"
+        base = images if images.is_dir() and class_folders(images) else root
+        if not class_folders(base):
             raise layout_error(NAME, root, ["cars_annos.mat", "<class>/*.jpg"])
-        paths, keys, ids = [], [], []
-        for folder, cid in zip(folders, class_ids(folders)):
-            for p in images_in(folder):
-                paths.append(str(p))
-                keys.append(folder.name)
-                ids.append(cid)
+        paths, class_names, labels = scan_class_folders(base, what=NAME)
+        class_id = class_ids(class_names)
+        keys = [class_names[label] for label in labels]
+        ids = [class_id[label] for label in labels]
     return split_by_class_id(NAME, paths, keys, ids, num_train_classes, on_error, root)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +24,18 @@ from nirdml.data.base import (
     hold_out_fold,
     num_held_out,
 )
+from nirdml.data.image_files import (  # noqa: F401 - the class-folder rule, used by loaders
+    IMAGE_EXTENSIONS,
+    class_folders,
+    images_below,
+    is_image_name,
+    listing,
+    scan_class_folders,
+)
 from nirdml.errors import ConfigError, DatasetError
 from nirdml.registry import Registry
 
 DATASETS = Registry("dataset")
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
-                    ".pgm")
 
 # Where each benchmark is officially distributed (quoted when the data is missing).
 OFFICIAL_PAGES = {
@@ -100,17 +105,6 @@ def pil_mode(image_kind: str) -> str:
     return "RGB" if check_image_kind(image_kind) == "rgb" else "L"
 
 
-def listing(folder: Path, limit: int = 8) -> str:
-    """A short description of what ``folder`` holds, for error messages."""
-    if not folder.is_dir():
-        return "nothing (not a folder)" if folder.exists() else "nothing (does not exist)"
-    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
-    if not names:
-        return "an empty folder"
-    more = f", ... ({len(names)} entries)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
-
-
 def require_root(name: str, root: Path | None, hint: str = "") -> Path:
     """``root`` (or the default root) if it is an existing folder, else a DatasetError saying
     where the data was expected and how to get it."""
@@ -131,41 +125,24 @@ def layout_error(name: str, root: Path, expected: Iterable[str]) -> DatasetError
 
 
 def is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
-
-
-def class_folders(folder: Path) -> list[Path]:
-    """Sub-folders of ``folder`` (hidden ones skipped), sorted by name."""
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return is_image_name(path.name)
 
 
 def images_in(folder: Path) -> list[Path]:
-    """Image files anywhere below ``folder``, sorted."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image(p))
+    """Image files anywhere below ``folder``, sorted (hidden files and folders skipped)."""
+    return [Path(p) for p in images_below(folder)]
 
 
 _NUMERIC_PREFIX = re.compile(r"^(\d+)")
 
 
-def class_ids(folders: list[Path]) -> list[int]:
-    """Class ids of sorted class folders: the leading number when every folder name has one
-    (``001.Black_footed_Albatross`` -> 1), else the 1-based position."""
-    matches = [_NUMERIC_PREFIX.match(f.name) for f in folders]
+def class_ids(folders: Sequence[str | Path]) -> list[int]:
+    """Class ids of sorted class folders (or their names): the leading number when every
+    folder name has one (``001.Black_footed_Albatross`` -> 1), else the 1-based position."""
+    matches = [_NUMERIC_PREFIX.match(Path(f).name) for f in folders]
     if matches and all(matches):
         return [int(m.group(1)) for m in matches]
     return list(range(1, len(folders) + 1))
-
-
-def scan_class_folders(folder: Path) -> tuple[list[Path], list[str], list[str]]:
-    """``(class folders, image paths, class name per image)`` of a class-per-folder tree."""
-    folders = class_folders(folder)
-    paths: list[str] = []
-    keys: list[str] = []
-    for f in folders:
-        for p in images_in(f):
-            paths.append(str(p))
-            keys.append(f.name)
-    return folders, paths, keys
 
 
 def read_table(path: Path, name: str, min_columns: int, skip: int = 0) -> list[list[str]]:

@@ -5,7 +5,8 @@ Layouts under ``root`` (or ``root/CUB_200_2011``):
 - official: ``images.txt`` (``<image id> <class folder>/<file>``), ``image_class_labels.txt``
   (``<image id> <class id>``), optional ``classes.txt`` (``<class id> <class name>``) and
   ``images/``;
-- plain class folders: ``images/<class>/*.jpg`` with class ids taken from the folder names'
+- plain class folders: ``images/<class>/**/*.jpg`` (the class is the first folder level under
+  ``images/``; :mod:`nirdml.data.image_files`) with class ids taken from the folder names'
   leading number (``001.Black_footed_Albatross``), or from their sorted position.
 """
 
@@ -18,10 +19,10 @@ from nirdml.data.datasets.core import (
     DATASETS,
     class_folders,
     class_ids,
-    images_in,
     layout_error,
     read_table,
     require_root,
+    scan_class_folders,
     split_by_class_id,
 )
 from nirdml.errors import DatasetError
@@ -80,11 +81,7 @@ def _official(base: Path) -> tuple[list[str], list, list[int]]:
 
 
 def _plain(images_root: Path) -> tuple[list[str], list[str], list[int]]:
-    folders = class_folders(images_root)
-    paths, keys, ids = [], [], []
-    for folder, cid in zip(folders, class_ids(folders)):
-        for p in images_in(folder):
-            paths.append(str(p))
-            keys.append(folder.name)
-            ids.append(cid)
-    return paths, keys, ids
+    """Class folders ``images/<class>/**/<image>`` (:func:`scan_class_folders`'s rule)."""
+    paths, class_names, labels = scan_class_folders(images_root, what=NAME)
+    ids = class_ids(class_names)
+    return paths, [class_names[label] for label in labels], [ids[label] for label in labels]

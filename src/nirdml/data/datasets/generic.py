@@ -1,8 +1,10 @@
 """Your own data: class-per-folder trees (``folder``) and the CSV contract (``csv``).
 
-- ``folder``: ``<root>/<class>/**/<image>``. Either ``train_root`` and ``test_root`` (two trees
-  with disjoint classes), or one ``root`` whose classes are split seeded at random
-  (``numpy.random.default_rng([seed, 4321])``), ``test_fraction`` of them (at least one) for test.
+- ``folder``: ``<root>/<class>/**/<image>``: the class is the first folder level, images at any
+  depth below it belong to it, hidden names are skipped (:mod:`nirdml.data.image_files`).
+  Either ``train_root`` and ``test_root`` (two trees with disjoint classes), or one ``root``
+  whose classes are split seeded at random (``numpy.random.default_rng([seed, 4321])``),
+  ``test_fraction`` of them (at least one) for test.
 - ``csv``: ``root`` is a CSV file (or a folder holding exactly one ``*.csv``) with a header and
   the columns ``label,path,split[,is_query,is_gallery]``; ``split`` is ``train``,
   ``validation`` (or ``val``) or ``test``; relative paths are relative to the CSV's folder.
@@ -22,7 +24,6 @@ from nirdml.data.base import FileDataset, Splits, num_held_out
 from nirdml.data.datasets.core import (
     DATASETS,
     check_image_kind,
-    layout_error,
     listing,
     pil_mode,
     scan_class_folders,
@@ -76,13 +77,10 @@ def folder(root: Path | None = None, seed: int = 0, on_error: str = "skip",
 
 
 def _scan(root: Path) -> tuple[list[str], list[str]]:
-    if not root.is_dir():
-        raise DatasetError(f"folder: {root} does not exist or is not a folder; expected "
-                           f"'<class>/<image>' folders there")
-    _, paths, keys = scan_class_folders(root)
-    if not paths:
-        raise layout_error("folder", root, ["<class>/<image files>"])
-    return paths, keys
+    """``(paths, class name per image)`` of one class-folder tree (the rule of
+    :mod:`nirdml.data.image_files`: the class is the first folder level)."""
+    paths, class_names, labels = scan_class_folders(root, what="folder")
+    return paths, [class_names[label] for label in labels]
 
 
 @DATASETS.register("csv")
@@ -91,30 +89,15 @@ def csv(root: Path | None = None, seed: int = 0, on_error: str = "skip",
     """The CSV contract ``label,path,split[,is_query,is_gallery]`` (see the module docstring)."""
     mode = pil_mode(check_image_kind(image_kind))
     table = _find_csv(root)
-    rows: dict[str, list[tuple[str, str, bool | None, bool | None]]] = {
-        "train": [], "val": [], "test": []}
-    with open(table, newline="", encoding="utf-8") as f:
-        reader = csv_module.DictReader(f)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        reader.fieldnames = columns
-        missing = {"label", "path", "split"} - set(columns)
-        if missing:
-            raise DatasetError(f"csv: {table} needs a header with columns label,path,split"
-                               f"[,is_query,is_gallery]; missing {sorted(missing)} in {columns}")
-        has_masks = "is_query" in columns or "is_gallery" in columns
-        for lineno, row in enumerate(reader, 2):
-            split = _SPLITS.get((row["split"] or "").strip().lower())
-            if split is None:
-                raise DatasetError(f"csv: {table} line {lineno}: split must be train, validation "
-                                   f"or test, got {row['split']!r}")
-            label, rel = (row["label"] or "").strip(), (row["path"] or "").strip()
-            if not label or not rel:
-                raise DatasetError(f"csv: {table} line {lineno}: empty label or path")
-            path = Path(rel).expanduser()
-            path = path if path.is_absolute() else table.parent / path
-            flags = tuple(_flag(row.get(c), table, lineno, c) if c in columns else None
-                          for c in ("is_query", "is_gallery"))
-            rows[split].append((str(path), label, *flags))
+    try:
+        rows, has_masks = _read_rows(table)
+    except DatasetError:
+        raise
+    except (UnicodeDecodeError, csv_module.Error, OSError) as exc:
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DatasetError(f"csv: {table} is not a readable UTF-8 CSV file ({text}); save it as "
+                           f"UTF-8 text with the columns label,path,split[,is_query,is_gallery]"
+                           ) from None
     for split in ("train", "test"):
         if not rows[split]:
             raise DatasetError(f"csv: {table} has no '{split}' rows")
@@ -136,6 +119,37 @@ def csv(root: Path | None = None, seed: int = 0, on_error: str = "skip",
 
     return Splits(train=build("train"), val=build("val") if rows["val"] else None,
                   test=build("test"), image_kind=image_kind, name="csv", root=table.parent)
+
+
+def _read_rows(table: Path) -> tuple[dict[str, list[tuple[str, str, bool | None, bool | None]]],
+                                     bool]:
+    """``({split: [(path, label, is_query, is_gallery)]}, has mask columns)`` of ``table``;
+    DatasetError for a missing column or a bad value (a UTF-8 byte-order mark is allowed)."""
+    rows: dict[str, list[tuple[str, str, bool | None, bool | None]]] = {
+        "train": [], "val": [], "test": []}
+    with open(table, newline="", encoding="utf-8-sig") as f:
+        reader = csv_module.DictReader(f)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        reader.fieldnames = columns
+        missing = {"label", "path", "split"} - set(columns)
+        if missing:
+            raise DatasetError(f"csv: {table} needs a header with columns label,path,split"
+                               f"[,is_query,is_gallery]; missing {sorted(missing)} in {columns}")
+        has_masks = "is_query" in columns or "is_gallery" in columns
+        for lineno, row in enumerate(reader, 2):
+            split = _SPLITS.get((row["split"] or "").strip().lower())
+            if split is None:
+                raise DatasetError(f"csv: {table} line {lineno}: split must be train, validation "
+                                   f"or test, got {row['split']!r}")
+            label, rel = (row["label"] or "").strip(), (row["path"] or "").strip()
+            if not label or not rel:
+                raise DatasetError(f"csv: {table} line {lineno}: empty label or path")
+            path = Path(rel).expanduser()
+            path = path if path.is_absolute() else table.parent / path
+            flags = tuple(_flag(row.get(c), table, lineno, c) if c in columns else None
+                          for c in ("is_query", "is_gallery"))
+            rows[split].append((str(path), label, *flags))
+    return rows, has_masks
 
 
 def _find_csv(root: Path | None) -> Path:
