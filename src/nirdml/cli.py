@@ -16,7 +16,7 @@ from nirdml import __version__
 from nirdml.errors import NirdmlError
 
 COMMANDS = ("train", "crossval", "tune", "evaluate", "embed", "analyze", "index", "search",
-            "export", "report")
+            "export", "report", "upgrade-checkpoint")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -42,9 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         try:
-            module = importlib.import_module(f"nirdml.commands.{name}")
+            module = importlib.import_module(f"nirdml.commands.{name.replace('-', '_')}")
         except ModuleNotFoundError as exc:  # a command not built yet
-            if exc.name != f"nirdml.commands.{name}":
+            if exc.name != f"nirdml.commands.{name.replace('-', '_')}":
                 raise
             continue
         p = sub.add_parser(

@@ -59,9 +59,10 @@ class TrainedRun:
              data_root: str | None = None) -> TrainedRun:
         """Read ``checkpoint`` (CheckpointError if missing or corrupt); ``data_root`` points
         at the dataset when it moved since training."""
-        from nirdml.training.checkpoint import load_checkpoint
+        from nirdml.training.checkpoint import MODEL_KEYS, load_checkpoint
 
-        return cls(load_checkpoint(checkpoint), checkpoint, device, data_root)
+        return cls(load_checkpoint(checkpoint, require=MODEL_KEYS), checkpoint, device,
+                   data_root)
 
     # ---- what the checkpoint holds ------------------------------------------------------------
     @cached_property
@@ -83,10 +84,13 @@ class TrainedRun:
         in eval mode on ``device``."""
         from nirdml.training import builders
 
+        if "num_classes" not in self.state:
+            raise CheckpointError(f"{str(self.path)!r} holds no proxies (no 'num_classes'): it "
+                                  f"is a model-only checkpoint; use one written by nirdml train")
         criterion = builders.build_criterion(self.config, int(self.state["num_classes"]))
         try:
             criterion.load_state_dict(self.state["criterion"])
-        except (RuntimeError, KeyError) as exc:
+        except (RuntimeError, KeyError, ValueError) as exc:
             raise CheckpointError(f"the criterion state of {str(self.path)!r} does not match "
                                   f"its config ({exc})") from None
         return criterion.to(self.device).eval()

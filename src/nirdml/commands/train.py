@@ -62,13 +62,13 @@ def run(args: argparse.Namespace) -> int:
         if args.out is None:
             raise ConfigError("--resume needs --out DIR (the folder of the run to continue)")
         if args.config is None:  # the run's own config, read from its checkpoint
-            from nirdml.training.checkpoint import load_checkpoint
+            from nirdml.training.checkpoint import TRAINER_KEYS, load_checkpoint
             from nirdml.training.config import Config
 
             last = Path(args.out) / "checkpoints" / "last.pt"
             if not last.is_file():
                 raise ConfigError(f"--resume: no checkpoint in {str(last.parent)!r}")
-            state = load_checkpoint(last)
+            state = load_checkpoint(last, require=TRAINER_KEYS)
             cfg = Config.from_dict(state["config"]).with_overrides(args.overrides)
     if state is None:
         cfg = load_config(args.config or "digits", args.overrides)

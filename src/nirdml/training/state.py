@@ -58,16 +58,25 @@ def trainer_state(trainer) -> dict[str, Any]:
     }
 
 
-def restore_trainer(trainer, state: dict[str, Any]) -> None:
-    """Put a checkpoint's state back into ``trainer`` (weights, optimiser, counters, RNG)."""
-    trainer.model.load_state_dict(state["model"])
-    trainer.criterion.load_state_dict(state["criterion"])
-    trainer.optimizer.load_state_dict(state["optimizer"])
-    if trainer.scheduler is not None and state["scheduler"] is not None:
-        trainer.scheduler.load_state_dict(state["scheduler"])
-    trainer.scaler.load_state_dict(state["scaler"])
-    for name in _COUNTERS:
-        setattr(trainer, name, state[name])
-    if state.get("flow_init") is not None:
-        trainer.flow_init = state["flow_init"]
-    set_rng_state(state["rng"])
+def restore_trainer(trainer, state: dict[str, Any], where: str = "the checkpoint") -> None:
+    """Put a checkpoint's state back into ``trainer`` (weights, optimiser, counters, RNG); a
+    state that does not fit the trainer raises a one-line CheckpointError."""
+    from nirdml.errors import CheckpointError
+
+    try:
+        trainer.model.load_state_dict(state["model"])
+        trainer.criterion.load_state_dict(state["criterion"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        if trainer.scheduler is not None and state["scheduler"] is not None:
+            trainer.scheduler.load_state_dict(state["scheduler"])
+        trainer.scaler.load_state_dict(state["scaler"])
+        for name in _COUNTERS:
+            setattr(trainer, name, state[name])
+        if state.get("flow_init") is not None:
+            trainer.flow_init = state["flow_init"]
+        set_rng_state(state["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{where} does not fit this run ({type(exc).__name__}: "
+                              f"{first}); resume it with the nirdml and config that wrote it"
+                              ) from None
