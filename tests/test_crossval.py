@@ -122,7 +122,7 @@ def test_crossval_completes_resumes_after_an_interruption_and_reuses_finished_fo
 
     overrides = csv_dataset(tmp_path)
     out = tmp_path / "cv"
-    argv = ["crossval", "--folds", "4", "--out", str(out)]
+    argv = ["crossval", "--config", "digits", "--folds", "4", "--out", str(out)]
     for o in overrides:
         argv += ["--set", o]
 

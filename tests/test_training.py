@@ -108,7 +108,7 @@ def test_nan_loss_is_skipped_then_stops(tmp_path, monkeypatch):
 def test_output_directory_errors(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(ConfigError, match="not writable"):
+    with pytest.raises(ConfigError, match="is a file"):
         Trainer(_cfg(), blocker / "run")
     Trainer(_cfg("train.epochs=1"), tmp_path / "done").fit()
     with pytest.raises(ConfigError, match="--resume"):

@@ -110,8 +110,8 @@ def test_tune_survives_an_interruption_and_its_best_config_reproduces_its_score(
 
     monkeypatch.setenv("NIRDML_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "tune"
-    argv = ["tune", "--space", str(_space(tmp_path)), "--trials", "3", "--folds", "2",
-            "--out", str(out)]
+    argv = ["tune", "--config", "digits", "--space", str(_space(tmp_path)), "--trials", "3",
+            "--folds", "2", "--out", str(out)]
     for o in QUICK:
         argv += ["--set", o]
 

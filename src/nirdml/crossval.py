@@ -15,7 +15,9 @@ Std is the population std over folds (as the repository's benchmark tables). Eve
 normal training run in ``OUT/fold<k>``: a finished fold (``final.json``) is reused, an
 unfinished one resumes from its ``checkpoints/last.pt``; a fold folder trained with another
 config is refused rather than mixed. Two processes never train the same fold at once (a lock
-file beside the fold, on systems with ``fcntl``).
+file beside the fold, on systems with ``fcntl``). ``OUT`` and its fold folders carry nirdml's
+marker (``nirdml.owned``): a folder in the way that nirdml did not write is refused, never
+cleared.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
 import statistics
 import sys
 import warnings
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from nirdml.errors import ConfigError
+from nirdml.owned import check_folder, claim_folder
 from nirdml.training.config import Config
 from nirdml.training.resume import RESUMABLE_CHANGES, config_differences
 from nirdml.training.run_dir import RunDir
@@ -46,6 +48,10 @@ def fold_config(cfg: Config, folds: int, fold: int) -> Config:
     if cfg.train.select_on == "test":
         raise ConfigError("cross-validation selects the epoch on the held-out fold; "
                           "train.select_on=test would select on the test classes: use val")
+    if cfg.data.folds not in (0, int(folds)):
+        raise ConfigError(f"--folds {folds} and data.folds={cfg.data.folds} disagree: "
+                          f"cross-validation sets data.folds and data.fold itself; drop "
+                          f"--set data.folds (and data.fold)")
     return cfg.with_overrides([f"data.folds={int(folds)}", f"data.fold={int(fold)}"])
 
 
@@ -95,11 +101,13 @@ def _finished(run: RunDir, cfg: Config) -> bool:
 
 def train_run(cfg: Config, out: str | Path, log: Callable[[str], None] | None = None) -> str:
     """Train ``cfg`` into ``out`` unless it is done: ``"reused"`` (``final.json`` there, same
-    config), ``"resumed"`` (from ``checkpoints/last.pt``) or ``"trained"`` (from scratch; a
-    folder without a checkpoint is cleared first)."""
+    config), ``"resumed"`` (from ``checkpoints/last.pt``) or ``"trained"`` (from scratch; what
+    a start of ours that stopped before its first checkpoint wrote is cleared first, see
+    ``Trainer``). A folder in the way that is not a nirdml run is refused (ConfigError)."""
     from nirdml.training import Trainer
 
     run = RunDir(out)
+    run.check(resume=run.checkpoint().is_file())  # a file, a folder not ours: refused
     with _lock(run.root.parent / f".{run.root.name}.lock"):
         if run.checkpoint().is_file():
             if _finished(run, cfg):
@@ -108,10 +116,21 @@ def train_run(cfg: Config, out: str | Path, log: Callable[[str], None] | None = 
                 log(f"{run.root}: resuming from {run.checkpoint()}")
             Trainer(cfg, run.root, resume=True).fit()
             return "resumed"
-        if run.root.exists():
-            shutil.rmtree(run.root)  # started, but stopped before its first checkpoint
         Trainer(cfg, run.root).fit()
         return "trained"
+
+
+def claim_cv_folder(out: Path, folds: int) -> None:
+    """Make ``out`` a cross-validation folder of ours (``nirdml.owned``), checking first that
+    no fold folder in the way is a file or a folder nirdml did not write; a cross-validation
+    written by an older nirdml (no marker; its ``crossval.json`` or fold runs) is taken over."""
+    legacy = (out / "crossval.json").is_file() or any(
+        RunDir(out / f"fold{k}").is_run() for k in range(int(folds)))
+    check_folder(out, "crossval", "--out", legacy=legacy)
+    for k in range(int(folds)):
+        run = RunDir(out / f"fold{k}")
+        run.check(resume=run.checkpoint().is_file())
+    claim_folder(out, "crossval", "--out", legacy=legacy)
 
 
 def selected_validation(run: RunDir) -> dict[str, float]:
@@ -178,6 +197,7 @@ def run_folds(cfg: Config, folds: int, out: str | Path,
     per fold: ``fold``, ``run`` (folder), ``status``, ``selected_epoch``, ``val`` and ``test``
     metrics."""
     out = Path(out)
+    claim_cv_folder(out, folds)
     results = []
     for k in range(int(folds)):
         fold_cfg = fold_config(cfg, folds, k)
@@ -208,8 +228,8 @@ def crossval(cfg: Config, folds: int, out: str | Path, log: Callable[[str], None
     if int(folds) < 2:
         raise ConfigError(f"--folds must be >= 2, got {folds}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     fold_config(cfg, folds, 0)  # checks the config before any training
+    claim_cv_folder(out, folds)
     fold_results = run_folds(cfg, folds, out, log)
     summary: dict[str, Any] = {
         "protocol": "Musgrave et al. 2020: class-disjoint folds of the training classes",

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from nirdml.errors import ConfigError, TrainingError
+from nirdml.owned import claim_folder
 from nirdml.search_space import Param, apply_params, params_hash, validate_space
 from nirdml.training.config import Config
 
@@ -236,7 +237,7 @@ def tune(cfg: Config, space: dict[str, Param], trials: int, out: str | Path, fol
 
     folds = _check_arguments(cfg, space, trials, folds)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_folder(out, "tune", "--out", legacy=(out / "study.db").is_file())
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own lines say what happens
     setup = {"config": _what_counts(cfg), "space": {k: p.to_dict() for k, p in space.items()},
              "folds": folds}

@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "OUT/fold<k>/ (ordinary runs), OUT/crossval.json and OUT/crossval.md. Run the same "
         "command again to continue: finished folds are reused, an unfinished one resumes from "
         "its last checkpoint.")
-    parser.add_argument("--config", default="digits",
+    parser.add_argument("--config", default="digits_cv",
                         help="a YAML file or the name of a shipped config")
     parser.add_argument("--folds", type=int, default=4,
                         help="number of class-disjoint folds (>= 2)")

@@ -22,7 +22,7 @@ mean validation train.selection_metric. OUT/best.yaml is the best config so far:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = SPACE_EXAMPLE
-    parser.add_argument("--config", default="digits",
+    parser.add_argument("--config", default="digits_cv",
                         help="the base config: a YAML file or the name of a shipped config")
     parser.add_argument("--space", required=True, help="the search space (YAML)")
     parser.add_argument("--trials", type=int, required=True,

@@ -11,9 +11,12 @@
     OUT/wandb_id, OUT/wandb/   the Weights & Biases run (``train.wandb=true``)
     OUT/analysis/              ``nirdml analyze`` output, read by the report
     OUT/report.html            ``nirdml report``'s default output
+    OUT/.nirdml                nirdml's marker: this folder is a run (``nirdml.owned``)
 
 The trainer writes through it, the report and ``--resume`` read through it; text files are
-written atomically (``nirdml.files``).
+written atomically (``nirdml.files``). A folder is a run only when it carries the marker (or,
+written by an older nirdml, a nirdml checkpoint beside its ``config.yaml``): nirdml never
+writes a run into, resumes or clears a folder it did not create.
 """
 
 from __future__ import annotations
@@ -24,6 +27,13 @@ from typing import Any
 
 from nirdml.errors import ConfigError
 from nirdml.files import atomic_write_text
+from nirdml.owned import check_folder, claim_folder, marker_kind, remove_owned
+
+KIND = "run"
+#: the files and folders a run writes (what :meth:`RunDir.reset` and :meth:`RunDir.discard` may
+#: remove; anything else in the folder is left alone)
+_CHECKPOINT_NAMES = ("last.pt", "best.pt", "last.pt.prev", "best.pt.prev", "last.pt.tmp",
+                     "best.pt.tmp")
 
 
 class RunDir:
@@ -69,26 +79,69 @@ class RunDir:
         return self.root / "report.html"
 
     def is_run(self) -> bool:
-        """Whether the folder holds a training run (its metrics log)."""
-        return self.metrics.is_file()
+        """Whether the folder holds a training run (nirdml's marker, or an older nirdml's
+        checkpoint beside its config)."""
+        return marker_kind(self.root) == KIND or self._legacy()
+
+    def _legacy(self) -> bool:
+        """A run folder written before the marker: config.yaml and a nirdml checkpoint."""
+        if marker_kind(self.root) is not None or not self.config.is_file():
+            return False
+        try:
+            with open(self.checkpoint(), "rb") as fh:
+                return fh.read(6) == b"NIRDML"
+        except OSError:
+            return False
 
     # ---- writing ------------------------------------------------------------------------------
-    def prepare(self, resume: bool) -> None:
-        """Create the folder (one-line ConfigError if it cannot be written); refuse to start a
-        new run over an existing one, or to resume where there is nothing to resume."""
-        try:
-            self.checkpoints.mkdir(parents=True, exist_ok=True)
-            probe = self.root / ".write-test"
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as exc:
-            raise ConfigError(f"output directory {str(self.root)!r} is not writable "
-                              f"({exc.strerror}); choose another with --out") from None
+    def check(self, resume: bool) -> bool:
+        """Check, writing nothing, that a run may start (``resume=False``) or continue here:
+        one-line ConfigError for a file, a folder nirdml did not write, an unwritable path, a
+        new run over a finished or started one, or a resume with nothing to resume. Returns
+        whether the folder is a run of ours already."""
+        ours = check_folder(self.root, KIND, "--out", legacy=self._legacy())
         if not resume and self.checkpoint().exists():
             raise ConfigError(f"{str(self.root)!r} already holds a run; continue it with "
                               f"--resume or choose a new --out")
         if resume and not self.checkpoint().exists():
             raise ConfigError(f"--resume: no checkpoint in {str(self.checkpoints)!r}")
+        return ours
+
+    def create(self) -> None:
+        """Make the folder a run folder (marker, ``checkpoints/``) after :meth:`check`."""
+        claim_folder(self.root, KIND, "--out", legacy=self._legacy())
+        try:
+            self.checkpoints.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"output directory {str(self.root)!r} is not writable "
+                              f"({exc.strerror}); choose another with --out") from None
+
+    def _own_files(self) -> list[str]:
+        names = ["config.yaml", "metrics.jsonl", "final.json", "wandb_id", "report.html"]
+        names += [f"checkpoints/{n}" for n in _CHECKPOINT_NAMES] + ["checkpoints"]
+        if self.tensorboard.is_dir():
+            names += [f"tensorboard/{p.name}" for p in self.tensorboard.iterdir()
+                      if p.name.startswith("events.out.tfevents.")]
+        return [*names, "tensorboard"]
+
+    def reset(self) -> None:
+        """Before a fresh start in a run folder of ours that never wrote a checkpoint (a start
+        that failed or was stopped early): remove what that start wrote, keep the marker."""
+        for name in self._own_files():
+            path = self.root / name
+            if path.is_file():
+                path.unlink()
+            elif path.is_dir():
+                try:
+                    path.rmdir()
+                except OSError:
+                    pass
+
+    def discard(self, remove_folder: bool = True) -> None:
+        """Undo a start that failed before its first checkpoint: remove what it wrote, the
+        marker, and (``remove_folder``: nirdml made it) the folder when nothing else is in
+        it."""
+        remove_owned(self.root, self._own_files(), remove_folder)
 
     def write_config(self, config) -> None:
         atomic_write_text(self.config, config.to_yaml())
