@@ -245,7 +245,7 @@ def test_cli_no_plots_and_bad_npz(tmp_path, capsys):
     np.savez(tmp_path / "e.npz", embeddings=x, labels=y)
     assert main(["analyze", "--embeddings", str(tmp_path / "e.npz"), "--out",
                  str(tmp_path / "o"), "--no-plots"]) == 0
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["analysis.json"]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [".nirdml", "analysis.json"]
     np.savez(tmp_path / "bad.npz", embeddings=x)
     assert main(["analyze", "--embeddings", str(tmp_path / "bad.npz"), "--out",
                  str(tmp_path / "o2")]) == 2

@@ -483,7 +483,9 @@ def test_collapsed_embeddings_settle_without_an_all_pairs_tie_resolution(backend
     """A collapsed model (every embedding equal within float32 precision) ties every query with
     the whole gallery. Its ties are broken by index among a bounded number of retrieved
     neighbours, with a warning, instead of resolving N x N exact scores (which took hours on a
-    13k collapsed Omniglot test split); normal data never takes that path."""
+    13k collapsed Omniglot test split); normal data never takes that path. Fully collapsed
+    embeddings (identical rows) are refused by ``evaluate`` (no metric means anything there);
+    the neighbour search itself still bounds its work on them."""
     from nirdml.evaluation import knn, ties
 
     rng = np.random.default_rng(0)
@@ -497,6 +499,17 @@ def test_collapsed_embeddings_settle_without_an_all_pairs_tie_resolution(backend
     exact = ties.exact_scores
     monkeypatch.setattr(ties, "exact_scores", lambda *a, **k: calls.append(len(a[1])) or exact(
         *a, **k))
+    if spread < 1e-7:  # identical in float32: evaluate refuses it, the search stays bounded
+        with pytest.raises(InputError, match="collapsed"):
+            evaluate(x, y, metrics=["recall@1", "map@r"], backend=backend)
+        unit = normalize_embeddings(x)
+        with pytest.warns(knn.DegenerateTiesWarning, match="collapsed"):
+            table = np.concatenate([t for _, _, t in knn_blocks(
+                unit, unit, np.arange(n), 20, backend=backend, query_labels=y,
+                gallery_labels=y)])
+        assert sum(calls) < n * n / 10  # no all-pairs exact scores
+        assert (y[table[:, 0]] == y).mean() < 0.05
+        return
     with pytest.warns(knn.DegenerateTiesWarning, match="collapsed"):
         res = evaluate(x, y, metrics=["recall@1", "map@r"], backend=backend)
     assert sum(calls) < n * n / 10  # no all-pairs exact scores

@@ -8,13 +8,23 @@ for L2 normalisation.
 * :func:`l2_normalize`: rows scaled to unit length. **The rule**: a row with NaN or inf, or an
   all-zero row, is an ``InputError`` naming the first such row -- a zero vector has no
   direction, so no cosine similarity with it means anything.
+* :func:`degenerate_reason` / :func:`check_not_degenerate`: **the rule** for data that no
+  metric can judge, shared by ``evaluate``, ``analyze`` and training's validation: a single
+  class, or fully collapsed embeddings -- after L2 normalisation every row lies within
+  ``COLLAPSE_TOLERANCE`` (Euclidean) of the first row, i.e. all rows are one direction up to
+  float rounding (rows equal but for float32 rounding differ by ~1e-7 there; any two rows
+  within the tolerance have a cosine above 1 - 2e-10, which float32 scores cannot tell from 1,
+  so neighbour order would be mere tie order).
 * :func:`embed_dataset`: a model's embeddings of every sample of a dataset, in order.
 """
 
 from __future__ import annotations
 
 import io
+import math
+import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +64,16 @@ def l2_normalize(embeddings, dtype=np.float32) -> np.ndarray:
         rows = np.flatnonzero(bad)
         raise InputError(f"embeddings contain NaN or inf in {rows.size} of {x.shape[0]} rows "
                          f"(first: row {rows[0]}); fix the model output or drop those samples")
-    norms = np.linalg.norm(x, axis=1)
+    with np.errstate(over="ignore", under="ignore"):
+        norms = np.linalg.norm(x, axis=1)
+    odd = ~np.isfinite(norms) | (norms == 0)
+    if odd.any():  # squares that overflow or underflow float32: rescale those rows first
+        rows = x[odd].astype(np.float64)
+        scale = np.abs(rows).max(axis=1, keepdims=True)
+        scaled = rows / np.where(scale > 0, scale, 1.0)
+        length = np.linalg.norm(scaled, axis=1, keepdims=True)
+        x[odd] = scaled / np.where(length > 0, length, 1.0)
+        norms[odd] = np.where(scale[:, 0] > 0, 1.0, 0.0)
     zero = norms == 0
     if zero.any():
         rows = np.flatnonzero(zero)
@@ -65,12 +84,95 @@ def l2_normalize(embeddings, dtype=np.float32) -> np.ndarray:
     return x
 
 
+#: the key :meth:`Embeddings.save` adds to mark an ``.npz`` as nirdml's (its version string)
+MARKER_KEY = "nirdml_version"
+#: every key :meth:`Embeddings.save` may write
+SAVED_KEYS = frozenset({"embeddings", "labels", "is_query", "is_gallery", "paths", MARKER_KEY})
+
+
+def is_embeddings_file(path: str | Path) -> bool:
+    """Whether ``path`` is an embeddings ``.npz`` that :meth:`Embeddings.save` wrote: a zip
+    holding ``embeddings``, ``labels`` and the ``nirdml_version`` marker, and no key it does
+    not write (read from the zip's directory only; the arrays are not loaded)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
+    keys = {name[:-4] for name in names if name.endswith(".npy")}
+    return (len(keys) == len(names) and {"embeddings", "labels", MARKER_KEY} <= keys
+            and keys <= SAVED_KEYS)
+
+
+#: rows of L2-normalised embeddings all within this distance of the first are "collapsed"
+COLLAPSE_TOLERANCE = 1e-5
+
+
+class DegenerateEmbeddingsError(InputError):
+    """Embeddings no metric can judge (module docstring); ``kind`` is ``"single_class"`` or
+    ``"collapsed"``."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def collapse_spread(unit_embeddings: np.ndarray, block: int = 65536) -> float:
+    """The largest Euclidean distance of a row of ``unit_embeddings`` (L2-normalised, (N, D))
+    from the first row, in float64, block by block (every pairwise distance is at most twice
+    it)."""
+    x = np.asarray(unit_embeddings)
+    first = x[0].astype(np.float64)
+    spread = 0.0
+    for start in range(0, x.shape[0], block):
+        diff = x[start:start + block].astype(np.float64) - first
+        spread = max(spread, float(np.sqrt(np.einsum("ij,ij->i", diff, diff).max())))
+    return spread
+
+
+def single_class_message(label, count: int) -> str:
+    """The one wording of "a single class" (:func:`degenerate_reason`; ``analyze`` too)."""
+    return (f"the embeddings hold a single class (label {label}, {count} samples): every "
+            f"neighbour is a match, so no metric means anything; use data with at least 2 "
+            f"classes")
+
+
+def degenerate_reason(unit_embeddings: np.ndarray, labels) -> tuple[str, str] | None:
+    """``(kind, message)`` when the embeddings are degenerate (a single class, or collapsed:
+    module docstring), None when metrics can judge them. ``unit_embeddings``: the (N >= 1, D)
+    rows L2-normalised; ``labels``: N class ids."""
+    classes, counts = np.unique(np.asarray(labels).reshape(-1), return_counts=True)
+    n = int(np.asarray(unit_embeddings).shape[0])
+    if classes.size == 1:
+        return "single_class", single_class_message(classes[0], int(counts[0]))
+    if n >= 2:
+        spread = collapse_spread(unit_embeddings)
+        if spread <= COLLAPSE_TOLERANCE:
+            return "collapsed", (
+                f"the embeddings are collapsed: all {n} rows point the same way (each within "
+                f"{spread:.1e} of the first after L2 normalisation, tolerance "
+                f"{COLLAPSE_TOLERANCE:g}), so any neighbour order is mere tie order; the model "
+                f"has collapsed (check the loss and learning rate) or the file is wrong")
+    return None
+
+
+def check_not_degenerate(unit_embeddings: np.ndarray, labels) -> None:
+    """Raise :class:`DegenerateEmbeddingsError` (an InputError) with
+    :func:`degenerate_reason`'s message when the embeddings are degenerate."""
+    found = degenerate_reason(unit_embeddings, labels)
+    if found is not None:
+        raise DegenerateEmbeddingsError(found[1], found[0])
+
+
 def _mask(mask, n: int, name: str) -> np.ndarray | None:
     if mask is None:
         return None
     mask = _numpy(mask, name)
     if mask.shape != (n,):
         raise InputError(f"{name} has {mask.size} entries but embeddings has {n} rows")
+    zero_one = mask.dtype.kind in "biu" or (mask.dtype.kind == "f" and np.isin(mask, (0, 1)).all())
+    if not zero_one:
+        raise InputError(f"{name} must be booleans (or 0/1), got {mask.dtype} values")
     return mask.astype(bool)
 
 
@@ -95,6 +197,9 @@ class Embeddings:
                              f"{tuple(self.embeddings.shape)}")
         n = self.embeddings.shape[0]
         self.labels = _numpy(self.labels, "labels")
+        if self.labels.ndim != 1:
+            raise InputError(f"labels must be 1-D (one class id per row), got shape "
+                             f"{self.labels.shape}")
         if self.labels.shape != (n,):
             raise InputError(f"labels has {self.labels.size} entries but embeddings has {n} rows")
         self.is_query = _mask(self.is_query, n, "is_query")
@@ -110,10 +215,13 @@ class Embeddings:
 
     def save(self, path: str | Path) -> Path:
         """Write an ``.npz`` (keys ``embeddings``, ``labels`` and those present of ``is_query``,
-        ``is_gallery``, ``paths``) atomically."""
+        ``is_gallery``, ``paths``, plus the marker ``nirdml_version``: see
+        :func:`is_embeddings_file`) atomically."""
+        from nirdml import __version__
         from nirdml.files import atomic_write_bytes
 
-        arrays = {"embeddings": self.embeddings, "labels": self.labels}
+        arrays = {"embeddings": self.embeddings, "labels": self.labels,
+                  MARKER_KEY: np.asarray(__version__)}
         for key in ("is_query", "is_gallery"):
             if getattr(self, key) is not None:
                 arrays[key] = getattr(self, key)
@@ -137,14 +245,24 @@ class Embeddings:
                              "or np.savez(path, embeddings=..., labels=...)")
         try:
             with np.load(path, allow_pickle=False) as data:
-                arrays = {k: data[k] for k in data.files}
-        except (OSError, ValueError, zipfile.BadZipFile) as exc:
-            raise InputError(f"cannot read {str(path)!r} as an .npz archive: {exc}") from None
-        missing = [k for k in ("embeddings", "labels") if k not in arrays]
+                names = list(data.files)
+                missing = [k for k in ("embeddings", "labels") if k not in names]
+                if not missing:
+                    _check_declared_sizes(path, data.zip)
+                    arrays = {k: data[k] for k in SAVED_KEYS if k in names}
+        except InputError:
+            raise
+        except MemoryError:
+            raise InputError(f"{str(path)!r} is too large to load into memory; embed fewer "
+                             "samples or use a machine with more memory") from None
+        except _READ_ERRORS as exc:
+            text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise InputError(f"cannot read {str(path)!r} as an .npz archive (damaged or "
+                             f"truncated?): {text}") from None
         if missing:
             raise InputError(
                 f"{str(path)!r} lacks key(s) {missing} (no {missing[0]!r} array); it has "
-                f"{sorted(arrays)}. Save it with np.savez(path, embeddings=..., labels=..., "
+                f"{sorted(names)}. Save it with np.savez(path, embeddings=..., labels=..., "
                 "[is_query=..., is_gallery=...])")
         emb, labels = arrays["embeddings"], arrays["labels"]
         if not np.issubdtype(emb.dtype, np.floating):
@@ -155,8 +273,37 @@ class Embeddings:
             raise InputError(f"{str(path)!r} holds {emb.shape[1]}-d embeddings but the model "
                              f"embeds into {dim} dimensions: they come from another model")
         paths = arrays.get("paths")
+        if paths is not None and (paths.ndim != 1 or paths.dtype.kind not in "US"):
+            raise InputError(f"{str(path)!r}: paths must be a 1-D array of strings, got "
+                             f"{paths.dtype} of shape {paths.shape}")
         return cls(emb, labels, arrays.get("is_query"), arrays.get("is_gallery"),
                    None if paths is None else [str(p) for p in paths])
+
+
+#: what reading a damaged zip or .npy member raises (zipfile, zlib, numpy's header parser)
+_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error,
+                NotImplementedError, RuntimeError, struct.error, SyntaxError, TypeError,
+                KeyError, OverflowError)
+
+
+def _check_declared_sizes(path: Path, archive: zipfile.ZipFile) -> None:
+    """InputError when an ``.npy`` member's header declares more data than the member holds
+    (a damaged header would otherwise allocate its shape -- terabytes -- before the read fails).
+    """
+    for info in archive.infolist():
+        if not info.filename.endswith(".npy") or info.filename[:-4] not in SAVED_KEYS:
+            continue
+        with archive.open(info) as member:
+            version = np.lib.format.read_magic(member)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+            else:
+                shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+            header_bytes = member.tell()
+        needed = header_bytes + math.prod(shape) * dtype.itemsize
+        if needed > info.file_size:
+            raise InputError(f"{str(path)!r} is damaged: {info.filename} declares shape "
+                             f"{shape} ({needed} bytes) but holds {info.file_size} bytes")
 
 
 def embed_dataset(model, dataset, device, batch_size: int = 256, num_workers: int = 0,

@@ -4,12 +4,14 @@ Every command that writes a file checks its path before doing any work (a one-li
 ``ConfigError`` naming the path and the option, never a traceback after minutes of work), and
 writes through :func:`atomic_write_bytes`: the bytes go to a temporary file in the same folder,
 are flushed to disk, and replace the target in one ``os.replace``, so a reader never sees half
-a file.
+a file. An existing file is replaced only when it is nirdml's own output of the same kind
+(:func:`check_output_file`), unless the user asks with ``--overwrite``.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from nirdml.errors import ConfigError
@@ -32,6 +34,27 @@ def check_writable_file(path: str | os.PathLike, option: str = "--out") -> Path:
     if path.exists() and not os.access(path, os.W_OK):
         raise ConfigError(f"{option} {str(path)!r} exists and is read-only; remove it or "
                           f"choose another path")
+    return path
+
+
+def check_output_file(path: str | os.PathLike, option: str,
+                      is_ours: Callable[[Path], bool], overwrite: bool = False) -> Path:
+    """:func:`check_writable_file`, and refuse to replace a file nirdml did not write.
+
+    A missing ``path`` is fine. An existing file is replaced only when ``is_ours(path)``
+    recognises it as nirdml's own output of that kind (it sniffs the file and must not raise:
+    an exception counts as "not ours"), or when ``overwrite`` (the user's ``--overwrite``);
+    otherwise a one-line ConfigError naming ``option``, the path and the way out."""
+    path = check_writable_file(path, option)
+    if overwrite or not (path.exists() or path.is_symlink()):
+        return path
+    try:
+        ours = bool(is_ours(path))
+    except Exception:  # a sniffer that cannot read the file: it is not recognisably ours
+        ours = False
+    if not ours:
+        raise ConfigError(f"{option} {str(path)!r} exists and was not written by nirdml; pass "
+                          f"--overwrite to replace it or choose another path")
     return path
 
 

@@ -61,8 +61,12 @@ def _number(key: str, name: str, value: Any, integer: bool) -> float | int:
             value = float(value)
         except ValueError:
             pass
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigError(f"search space {key!r}: {name} must be a number, got {value!r}")
+    finite = isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+    if isinstance(value, bool) or not finite or abs(value) > 1e300:
+        shown = (f"an integer of {value.bit_length()} bits" if isinstance(value, int)
+                 and not isinstance(value, bool) else repr(value)[:40])
+        raise ConfigError(f"search space {key!r}: {name} must be a number (finite, at most "
+                          f"1e300), got {shown}")
     if integer:
         if int(value) != value:
             raise ConfigError(f"search space {key!r}: {name} must be an integer for type int, "

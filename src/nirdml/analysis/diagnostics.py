@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from nirdml.embeddings import l2_normalize
+from nirdml.embeddings import check_not_degenerate, l2_normalize, single_class_message
 from nirdml.errors import InputError
 
 EPS = 1e-12
@@ -61,8 +61,10 @@ def _check_labels(labels, n: int) -> np.ndarray:
             raise InputError("labels must be integer class ids (found non-integer floats)")
     elif y.dtype.kind not in "iub":
         raise InputError(f"labels must be integer class ids, got dtype {y.dtype}")
-    _, inverse = np.unique(y, return_inverse=True)
+    classes, inverse = np.unique(y, return_inverse=True)
     inverse = inverse.reshape(-1).astype(np.int64)
+    if classes.size == 1:
+        raise InputError(single_class_message(classes[0], n))
     if inverse.max(initial=-1) < 1:
         raise InputError("labels must contain at least 2 classes")
     return inverse
@@ -310,8 +312,12 @@ def sample_pair_distances(embeddings, labels, num_pairs: int = 20000, seed: int 
 def structure_report(embeddings, labels, t: float = 2.0, max_exact: int = 20000,
                      num_pairs: int = 2_000_000, seed: int = 0) -> dict:
     """All diagnostics at once: ``rho``, ``pi_density``, ``sigma2_kappa``, ``g2``,
-    ``intra_class`` (see :func:`intra_class_stats`), ``num_samples``, ``num_classes``."""
+    ``intra_class`` (see :func:`intra_class_stats`), ``num_samples``, ``num_classes``.
+
+    Degenerate embeddings -- a single class, or all rows collapsed to one direction -- are an
+    InputError worded as ``evaluate``'s (:func:`nirdml.embeddings.check_not_degenerate`)."""
     x, y = _prepare(embeddings, labels)
+    check_not_degenerate(x, y)
     cls = _Classes(x, y)
     return {
         "rho": spectral_decay(x),

@@ -1,4 +1,10 @@
-"""``analyze``: structure diagnostics and figures for an embeddings file or a trained checkpoint."""
+"""``analyze``: structure diagnostics and figures for an embeddings file or a trained checkpoint.
+
+Its output folder is nirdml's (``nirdml.owned``, kind ``"analysis"``): a new or empty folder,
+one with the analysis marker, or one an older nirdml wrote (nothing in it but
+``analysis.json`` and the known figures) -- anything else is refused before any work, and a
+run that fails leaves no half-written folder it created.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,36 @@ from nirdml.errors import InputError
 #: figure file names written by :func:`analyze`
 PLOT_FILES = {"spectrum": "spectrum.png", "distances": "distances.png", "tsne": "tsne.png",
               "flow_samples": "flow_samples.png"}
+#: the ``nirdml.owned`` kind of an analysis folder
+KIND = "analysis"
+#: every file :func:`analyze` writes into its folder
+OUTPUT_FILES = ("analysis.json", *PLOT_FILES.values())
+
+
+def is_legacy_analysis(folder: str | Path) -> bool:
+    """Whether ``folder`` is an analysis folder of a nirdml from before the marker: it has no
+    marker, holds ``analysis.json`` and nothing but :data:`OUTPUT_FILES`."""
+    from nirdml.owned import marker_kind
+
+    folder = Path(folder)
+    try:
+        names = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    except OSError:
+        return False
+    return (marker_kind(folder) is None and "analysis.json" in names
+            and names <= set(OUTPUT_FILES))
+
+
+def _undo_claim(out: Path, existed: bool) -> None:
+    """After a failed run in a folder that was not ours: remove what it wrote (and the folder,
+    when this run created it and nothing else is in it)."""
+    from nirdml.owned import MARKER, remove_owned
+
+    if not existed:
+        remove_owned(out, OUTPUT_FILES)
+        return
+    for name in (*OUTPUT_FILES, MARKER):
+        (out / name).unlink(missing_ok=True)
 
 
 def load_embeddings_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -93,13 +129,38 @@ def analyze(embeddings=None, labels=None, checkpoint=None, out_dir: str | Path =
     ``analysis.json["flow_samples"]``,
     the figure to ``flow_samples.png``. Figures: ``spectrum.png``, ``distances.png``,
     ``tsne.png`` (skipped with ``plots=False``). Returns the dict written to the JSON file.
+
+    ``out_dir`` is claimed before any work (module docstring: a folder nirdml did not write is
+    a one-line ConfigError); degenerate embeddings (a single class, or collapsed) are an
+    InputError, worded as ``evaluate``'s.
     """
+    from nirdml.owned import claim_folder
+
+    out = Path(out_dir)
+    if (embeddings is None) == (checkpoint is None):
+        raise InputError("give exactly one of embeddings (array or .npz) and checkpoint")
+    existed = out.exists()
+    was_ours = claim_folder(out, KIND, "--out", legacy=is_legacy_analysis(out))
+    try:
+        return _analyze_into(out, embeddings, labels, checkpoint, split, flow_classes, plots,
+                             device, batch_size, data_root, seed, flow_samples_per_class,
+                             tsne_classes)
+    except BaseException:
+        if not was_ours:
+            _undo_claim(out, existed)
+        raise
+
+
+def _analyze_into(out: Path, embeddings, labels, checkpoint, split, flow_classes, plots, device,
+                  batch_size, data_root, seed, flow_samples_per_class, tsne_classes
+                  ) -> dict[str, Any]:
+    """:func:`analyze`'s work, once ``out`` is claimed."""
+    from nirdml.files import atomic_write_text
+
     run, x, y, source = _read_input(embeddings, labels, checkpoint, split, device, batch_size,
                                     data_root)
     report = structure_report(x, y, seed=seed)
     result: dict[str, Any] = {**report, "source": source, "plots": {}, "flow_samples": None}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if plots:
         from nirdml.analysis import plots as pl
 
@@ -113,7 +174,7 @@ def analyze(embeddings=None, labels=None, checkpoint=None, out_dir: str | Path =
                                   seed=seed)
         if flow_info is not None:
             _flow_section(result, flow_info, out, plots, flow_samples_per_class, seed)
-    (out / "analysis.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out / "analysis.json", json.dumps(result, indent=2) + "\n")
     return result
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from nirdml.commands.argtypes import non_negative_int, positive_int
+
 HELP = "structure diagnostics and figures of a checkpoint's or an npz file's embeddings"
 
 
@@ -11,16 +13,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a checkpoint file (e.g. best.pt); its split is embedded")
     src.add_argument("--embeddings", help="an .npz with 'embeddings' (N, D) and 'labels' (N,)")
-    parser.add_argument("--out", required=True, help="output folder (analysis.json, *.png)")
+    parser.add_argument("--out", required=True,
+                        help="output folder (analysis.json, *.png): new, empty, or one nirdml "
+                             "analyze wrote, such as RUN/analysis")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"],
                         help="split to embed (with --checkpoint)")
     parser.add_argument("--no-plots", action="store_true", help="write analysis.json only")
-    parser.add_argument("--flow-classes", type=int, default=4,
+    parser.add_argument("--flow-classes", type=non_negative_int, default=4,
                         help="training classes whose flow samples are drawn (NIR checkpoints; "
                              "0 = none)")
     parser.add_argument("--device", default="auto",
                         help="cpu, cuda, cuda:N or auto (a GPU when there is one)")
-    parser.add_argument("--batch-size", type=int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="images per forward pass (default: the run's data.eval_batch_size)")
     parser.add_argument("--data-root", default=None, help="dataset root, if it moved")
     parser.add_argument("--seed", type=int, default=0, help="seed of every subsample")
@@ -30,7 +34,9 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from nirdml.analysis import analyze, format_table
+    from nirdml.devices import resolve_device
 
+    resolve_device(args.device, "--device")
     result = analyze(embeddings=args.embeddings, checkpoint=args.checkpoint, out_dir=args.out,
                      split=args.split, flow_classes=args.flow_classes, plots=not args.no_plots,
                      device=args.device, batch_size=args.batch_size, data_root=args.data_root,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from nirdml.commands.argtypes import positive_float
+
 HELP = "Compute Recall@k, MAP@R, R-Precision, mAP@1000, NMI, AMI and F1 for embeddings."
 # Same as nirdml.evaluation.DEFAULT_METRICS (not imported here: keep `nirdml --help` light).
 DEFAULT_METRICS = ["recall", "map@r", "r_precision", "map@1000", "nmi", "f1"]
@@ -58,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--kmeans-seed", type=int, default=0, help="k-means seed")
     parser.add_argument(
-        "--max-memory-mb", type=float, default=None,
+        "--max-memory-mb", type=positive_float, default=None,
         help="memory for query blocks; None: a quarter of the available, at most 512 MiB",
     )
     parser.add_argument(
@@ -75,6 +77,7 @@ def _evaluate_kwargs(args: argparse.Namespace, metrics=None, recall_ks=None) -> 
         "device": args.device,
         "kmeans_seed": args.kmeans_seed,
         "max_memory_mb": args.max_memory_mb,
+        "progress": "evaluate",  # bars on stderr (shown on a terminal)
     }
 
 
@@ -85,6 +88,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.embeddings and args.checkpoint:
         raise ConfigError("pass either --embeddings or --checkpoint, not both")
+    if args.device is not None:
+        from nirdml.devices import resolve_device
+
+        resolve_device(args.device, "--device")
     if args.json:
         from nirdml.files import check_writable_file
 

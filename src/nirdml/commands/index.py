@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from nirdml.commands.argtypes import non_negative_int, positive_int
+
 HELP = "build a searchable gallery index from a checkpoint (index build), or describe one"
 
 
@@ -15,24 +17,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                    "(index.faiss, meta.json, labels.npy).")
     b.add_argument("--checkpoint", required=True, help="a checkpoint file (e.g. best.pt)")
     b.add_argument("--gallery", required=True,
-                   help="split:train|val|test of the checkpoint's dataset, a folder of images "
-                        "(class = parent folder name), or an embeddings .npz "
+                   help="split:train|val|test of the checkpoint's dataset, a folder of class "
+                        "folders (FOLDER/<class>/**/<image>: the class is the first level; "
+                        "hidden names skipped), or an embeddings .npz "
                         "(embeddings, labels, optional paths)")
-    b.add_argument("--out", required=True, help="the index directory to write")
+    b.add_argument("--out", required=True,
+                   help="the index directory to write: a new or empty folder, or an index "
+                        "nirdml wrote before (replaced); any other folder is refused")
     b.add_argument("--type", default="flat", choices=["flat", "ivf", "ivfpq"],
                    help="flat: exact; ivf / ivfpq: approximate, for millions of items")
-    b.add_argument("--nlist", type=int, default=None, help="IVF cells (default ~4*sqrt(N))")
-    b.add_argument("--nprobe", type=int, default=None, help="IVF cells visited per query "
-                                                            "(default 16)")
-    b.add_argument("--m", type=int, default=None,
+    b.add_argument("--nlist", type=positive_int, default=None,
+                   help="IVF cells (default ~4*sqrt(N))")
+    b.add_argument("--nprobe", type=positive_int, default=None,
+                   help="IVF cells visited per query (default 16)")
+    b.add_argument("--m", type=positive_int, default=None,
                    help="IVF-PQ sub-quantisers, must divide the embedding dim (default dim/4)")
-    b.add_argument("--nbits", type=int, default=None, help="IVF-PQ bits per sub-quantiser "
-                                                           "(default 8)")
+    b.add_argument("--nbits", type=positive_int, default=None,
+                   help="IVF-PQ bits per sub-quantiser (default 8)")
     b.add_argument("--device", default="auto",
                    help="cpu, cuda, cuda:N or auto (a GPU when there is one)")
-    b.add_argument("--batch-size", type=int, default=None,
+    b.add_argument("--batch-size", type=positive_int, default=None,
                    help="images per forward pass (default: the run's data.eval_batch_size)")
-    b.add_argument("--num-workers", type=int, default=None,
+    b.add_argument("--num-workers", type=non_negative_int, default=None,
                    help="image loading processes (default: the run's data.num_workers)")
     b.add_argument("--data-root", default=None, help="dataset root, if it moved since training")
     b.add_argument("--on-error", choices=["skip", "fail"], default=None,
@@ -44,17 +50,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from nirdml.retrieval import IndexSpec, Retriever
+    from nirdml.retrieval.index import check_index_folder
 
     if args.action == "info":
         r = Retriever.load(args.index, load_model=False)
         print(f"{args.index}: {len(r)} items x {r.dim} dims, {r.spec.to_dict()}")
         print(f"checkpoint: {r.checkpoint}\nfingerprint: {r.fingerprint}\ngallery: {r.source}")
         return 0
+    from nirdml.devices import resolve_device
+
+    resolve_device(args.device, "--device")
     spec = IndexSpec(args.type, nlist=args.nlist, nprobe=args.nprobe, m=args.m, nbits=args.nbits)
+    check_index_folder(args.out, option="--out")  # refused before minutes of embedding
     r = Retriever.from_checkpoint(args.checkpoint, args.gallery, spec, device=args.device,
                                   batch_size=args.batch_size, num_workers=args.num_workers,
                                   data_root=args.data_root, on_error=args.on_error)
-    r.save(args.out)
+    r.save(args.out, option="--out")
     skipped = r.source.get("skipped") or []
     print(f"indexed {len(r)} gallery items ({r.dim}-d, {r.spec.type}) into {args.out}"
           + (f"; skipped {len(skipped)} undecodable images" if skipped else ""))

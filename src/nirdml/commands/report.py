@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import argparse
 
+from nirdml.commands.argtypes import positive_int
+
 HELP = "write a self-contained HTML report of a run (metrics, curves, diagnostics, retrieval)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="a run folder (the --out of nirdml train)")
     parser.add_argument("--out", default=None, help="output HTML (default RUN/report.html)")
-    parser.add_argument("-k", "--k", type=int, default=5, help="results per grid query")
-    parser.add_argument("--queries", type=int, default=6, help="queries in the retrieval grid")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out even when it is not a report nirdml wrote")
+    parser.add_argument("-k", "--k", type=positive_int, default=5, help="results per grid query")
+    parser.add_argument("--queries", type=positive_int, default=6,
+                        help="queries in the retrieval grid")
     parser.add_argument("--checkpoint", default=None, help="default RUN/checkpoints/best.pt")
     parser.add_argument("--device", default="cpu",
                         help="device for the retrieval grid's embeddings")
@@ -22,14 +27,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from nirdml.devices import resolve_device
     from nirdml.errors import ConfigError
-    from nirdml.files import check_writable_file
-    from nirdml.reports import build_report
+    from nirdml.files import check_output_file
+    from nirdml.reports.html import build_report, is_report_file
 
     if not (Path(args.run) / "metrics.jsonl").is_file():
         raise ConfigError(f"--run {args.run!r} is not a training run (no metrics.jsonl in it); "
                           f"give the --out folder of nirdml train")
-    check_writable_file(args.out or Path(args.run) / "report.html")
+    check_output_file(args.out or Path(args.run) / "report.html", "--out", is_report_file,
+                      args.overwrite)
+    if not args.no_grid:
+        resolve_device(args.device, "--device")
     out = build_report(args.run, args.out, k=args.k, num_queries=args.queries,
                        checkpoint=args.checkpoint, device=args.device, data_root=args.data_root,
                        grid=not args.no_grid)

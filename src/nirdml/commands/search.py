@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from nirdml.commands.argtypes import positive_int
+
 HELP = "search an index (nirdml index build) with query images"
 
 
@@ -11,7 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", required=True, help="an index directory")
     parser.add_argument("--query", required=True, nargs="+", metavar="IMG",
                         help="query image file(s)")
-    parser.add_argument("-k", "--k", type=int, default=10, help="results per query")
+    parser.add_argument("-k", "--k", type=positive_int, default=10, help="results per query")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--checkpoint", default=None,
                         help="the model to embed queries with (default: the one the index "
@@ -21,8 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from nirdml.devices import resolve_device
     from nirdml.retrieval import Retriever
 
+    resolve_device(args.device, "--device")
     retriever = Retriever.load(args.index, checkpoint=args.checkpoint, device=args.device)
     results = retriever.search(args.query, k=args.k)
     if args.json:

@@ -64,12 +64,14 @@ def kmeans_faiss(x: np.ndarray, k: int, seed: int = 0, niter: int = 20) -> np.nd
 
 
 def kmeans_torch(
-    x: np.ndarray, k: int, seed: int = 0, niter: int = 20, device=None, block: int = 8192
+    x: np.ndarray, k: int, seed: int = 0, niter: int = 20, device=None, block: int = 8192,
+    on_iteration: Callable[[], None] | None = None,
 ) -> np.ndarray:
     """Cluster ids (int64) from a seeded Lloyd's k-means in torch (the faiss-free fallback).
 
     Centroids start at ``k`` distinct random samples; an emptied cluster is re-seeded with a
     random sample. Results differ from faiss's (another initialisation), not in quality.
+    ``on_iteration()`` is called after each of the ``niter`` steps (a progress bar's update).
     """
     import torch
 
@@ -100,6 +102,8 @@ def kmeans_torch(
             if empty.numel():
                 pick = torch.from_numpy(rng.choice(n, size=empty.numel(), replace=False))
                 centroids[empty] = xt[pick.to(device)]
+            if on_iteration is not None:
+                on_iteration()
         labels = assign()
     return labels.cpu().numpy().astype(np.int64)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from nirdml.embeddings import l2_normalize
+from nirdml.embeddings import check_not_degenerate, l2_normalize
 from nirdml.errors import ConfigError, InputError
 from nirdml.evaluation.clustering import CLUSTERING_METRICS, clustering_scores
 from nirdml.evaluation.knn import knn_blocks, resolve_backend
@@ -275,8 +275,25 @@ def progress_bar(total: int, desc: str, unit: str = "it", **options):
                            "[{elapsed}<{remaining}, {rate_fmt}{postfix}]")
 
 
-def _cluster(xs, n_classes, backend, seed, iters, cluster_fn, device) -> np.ndarray:
-    """Cluster ids of ``xs`` from ``cluster_fn`` or the backend's seeded k-means."""
+def _check_sizes(max_memory_mb, block_size) -> None:
+    """ConfigError unless ``max_memory_mb`` is None or a finite number > 0 and ``block_size``
+    None or an integer >= 1."""
+    if max_memory_mb is not None:
+        ok = not isinstance(max_memory_mb, bool) and isinstance(
+            max_memory_mb, (int, float, np.integer, np.floating))
+        if not (ok and np.isfinite(max_memory_mb) and max_memory_mb > 0):
+            raise ConfigError(f"max_memory_mb must be a number > 0 (MiB for the query blocks) "
+                              f"or None; got {max_memory_mb!r}")
+    if block_size is not None and (isinstance(block_size, bool)
+                                   or not isinstance(block_size, (int, np.integer))
+                                   or block_size < 1):
+        raise ConfigError(f"block_size must be an integer >= 1 or None; got {block_size!r}")
+
+
+def _cluster(xs, n_classes, backend, seed, iters, cluster_fn, device,
+             on_iteration: Callable[[], None] | None = None) -> np.ndarray:
+    """Cluster ids of ``xs`` from ``cluster_fn`` or the backend's seeded k-means
+    (``on_iteration`` is called after each of the torch k-means's Lloyd steps)."""
     if cluster_fn is not None:
         assign = np.asarray(cluster_fn(xs, n_classes, seed)).reshape(-1)
         if assign.shape[0] != xs.shape[0]:
@@ -288,25 +305,43 @@ def _cluster(xs, n_classes, backend, seed, iters, cluster_fn, device) -> np.ndar
         return kmeans_faiss(xs, n_classes, seed=seed, niter=iters)
     from nirdml.evaluation.clustering import kmeans_torch
 
-    return kmeans_torch(xs, n_classes, seed=seed, niter=iters, device=device)
+    return kmeans_torch(xs, n_classes, seed=seed, niter=iters, device=device,
+                        on_iteration=on_iteration)
 
 
 def _clustering(spec, x, y, members, backend, seed, iters, cluster_fn, device,
                 progress: str | None = None) -> dict[str, float]:
     """Cluster the ``members`` (bool mask) into as many clusters as they have classes and score
-    the clustering with the requested metrics."""
+    the clustering with the requested metrics.
+
+    With ``progress`` one bar counts the steps: each Lloyd step of the torch k-means (one step
+    for faiss's k-means, which runs in one call, or for ``cluster_fn``), then each metric."""
     members = np.flatnonzero(members)
     if members.size == x.shape[0]:
         xs, ys = x, y
     else:
         xs, ys = x[members], y[members]
     n_classes = int(np.unique(ys).size)
-    bar = progress_bar(1, f"{progress}: k-means, {n_classes} clusters") if progress else None
-    assign = _cluster(xs, n_classes, backend, seed, iters, cluster_fn, device)
-    if bar is not None:
-        bar.update(1)
-        bar.close()
-    return clustering_scores(ys, assign, spec.clustering)
+    stepwise = cluster_fn is None and backend == "torch"
+    bar = None
+    if progress:
+        total = (int(iters) if stepwise else 1) + len(spec.clustering)
+        bar = progress_bar(total, f"{progress}: k-means, {n_classes} clusters", "step")
+    step = bar.update if bar is not None else None
+    try:
+        assign = _cluster(xs, n_classes, backend, seed, iters, cluster_fn, device,
+                          on_iteration=step if stepwise else None)
+        if bar is not None and not stepwise:
+            bar.update(1)
+        scores = {}
+        for name in spec.clustering:
+            scores.update(clustering_scores(ys, assign, [name]))
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return {name: scores[name] for name in spec.clustering}
 
 
 def evaluate(
@@ -346,15 +381,28 @@ def evaluate(
     installed), ``"faiss"`` or ``"torch"`` (``device`` picks its device, default CUDA when
     available). ``block_size`` / ``max_memory_mb`` bound the query blocks (default: from the
     memory available, at most 512 MiB). ``progress``: a name (e.g. ``"test"``) shows progress
-    bars for the neighbour search and the clustering on a terminal.
+    bars for the neighbour search and the clustering on a terminal (None, the default: none).
+
+    Degenerate data is an :class:`~nirdml.errors.InputError` (a
+    ``nirdml.embeddings.DegenerateEmbeddingsError``) before any search: a single class among
+    the query and gallery samples, or collapsed embeddings (``nirdml.embeddings`` module doc:
+    every L2-normalised row within ``COLLAPSE_TOLERANCE`` of the first) -- no metric means
+    anything there, yet a single class scores 100% and collapsed rows score by tie order.
     """
     spec = parse_metrics(metrics, recall_ks)
+    _check_sizes(max_memory_mb, block_size)
+    if device is not None:
+        from nirdml.devices import resolve_device
+
+        device = resolve_device(device, "device")
     backend = resolve_backend(backend, device)
     x = normalize_embeddings(embeddings)
     n = x.shape[0]
     y = _labels(labels, n)
     q_mask = _mask(query_mask, n, "query_mask")
     g_mask = _mask(gallery_mask, n, "gallery_mask")
+    members = q_mask | g_mask
+    check_not_degenerate(x if members.all() else x[members], y[members])
     max_bytes = None if max_memory_mb is None else int(max_memory_mb * 2**20)
     q_index, g_index, self_pos, r, c = _query_gallery(y, q_mask, g_mask)
 

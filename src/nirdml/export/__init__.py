@@ -6,10 +6,15 @@ from __future__ import annotations
 
 from nirdml.export.model import (
     FORMATS,
+    SUFFIXES,
     ExportResult,
+    check_export_options,
     export_model,
+    is_export_file,
+    onnx_opset_range,
     read_export_metadata,
     run_exported,
 )
 
-__all__ = ["FORMATS", "ExportResult", "export_model", "read_export_metadata", "run_exported"]
+__all__ = ["FORMATS", "SUFFIXES", "ExportResult", "check_export_options", "export_model",
+           "is_export_file", "onnx_opset_range", "read_export_metadata", "run_exported"]

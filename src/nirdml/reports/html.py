@@ -281,7 +281,7 @@ def build_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     from nirdml.files import atomic_write_text
 
     run = RunDir(run_dir)
-    if not run.is_run():
+    if not run.metrics.is_file():  # reading only: a run someone else wrote will do
         raise ConfigError(f"{str(run.root)!r} is not a training run (no metrics.jsonl in "
                           f"it); pass the --out folder of nirdml train")
     if k < 1 or num_queries < 1:
@@ -298,12 +298,32 @@ def build_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
              _analysis_section(run),
              _config_section(run)]
     page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"{GENERATOR_META}{html.escape(__version__)}\">"
             f"<title>nirdml report: {html.escape(root.name)}</title>"
             f"<style>{_CSS}</style><script>{_SCRIPT}</script></head>\n<body>\n"
             + "\n".join(parts) + "\n</body></html>\n")
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, page)
     return out
+
+
+#: how a report marks itself as nirdml's (the version follows, then ``">``)
+GENERATOR_META = '<meta name="generator" content="nirdml '
+#: how every report began before it carried the generator tag
+_OLD_REPORT_START = ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+                     '<title>nirdml report: ')
+
+
+def is_report_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an HTML report :func:`build_report` wrote: its head carries the
+    generator tag (or, written by an older nirdml, it begins exactly as those reports did)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096).decode("utf-8", errors="replace")
+    except OSError:
+        return False
+    start = head.split("<style>", 1)[0]
+    return GENERATOR_META in start or head.startswith(_OLD_REPORT_START)
 
 
 def _section(name: str, title: str, body: list[str]) -> str:

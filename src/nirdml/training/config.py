@@ -202,7 +202,7 @@ class Config:
             key, raw = item.split("=", 1)
             try:
                 value = yaml.safe_load(raw) if raw.strip() else None
-            except yaml.YAMLError:
+            except (yaml.YAMLError, RecursionError, ValueError):
                 value = raw
             values[key.strip()] = value
         return self.with_values(values)
@@ -247,7 +247,8 @@ class Config:
             (self.data.batch_size > 0, "data.batch_size", "a positive integer"),
             (self.data.samples_per_class > 0, "data.samples_per_class", "a positive integer"),
             (
-                self.data.batch_size % self.data.samples_per_class == 0,
+                self.data.samples_per_class > 0
+                and self.data.batch_size % self.data.samples_per_class == 0,
                 "data.batch_size",
                 f"a multiple of data.samples_per_class ({self.data.samples_per_class})",
             ),
@@ -307,15 +308,65 @@ class Config:
                     f"loss.proxy_lr_multiplier=null")
 
 
+#: a config or search-space file is a few KiB: a bigger file is not one
+MAX_YAML_BYTES = 2**20
+#: deeper nesting, or more values once YAML aliases are expanded, is not a config either
+MAX_YAML_DEPTH = 32
+MAX_YAML_VALUES = 100_000
+
+
 def read_yaml(path: str | Path, what: str) -> Any:
-    """The YAML document in ``path``; ConfigError naming ``what`` if it is missing or invalid."""
+    """The YAML document in ``path``, read with PyYAML's safe loader (plain data only: tags
+    that would build Python objects are refused); one-line ConfigError naming ``what`` if it is
+    missing, unreadable, over ``MAX_YAML_BYTES``, not UTF-8, not valid YAML, or nested deeper
+    than ``MAX_YAML_DEPTH`` / holding over ``MAX_YAML_VALUES`` values with aliases expanded."""
     path = Path(path)
+    shown = f"{what} {str(path)!r}"
     if not path.is_file():
-        raise ConfigError(f"{what} {str(path)!r} does not exist")
+        raise ConfigError(f"{shown} does not exist")
     try:
-        return yaml.safe_load(path.read_text())
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_YAML_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{shown} cannot be read ({exc.strerror or exc})") from None
+    if len(raw) > MAX_YAML_BYTES:
+        raise ConfigError(f"{shown} is over {MAX_YAML_BYTES // 2**20} MiB: not a config file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{shown} is not UTF-8 text (bad byte at offset {exc.start}); save "
+                          f"it as UTF-8") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{what} {str(path)!r} is not valid YAML: {exc}") from None
+        raise ConfigError(f"{shown} is not valid YAML: {' '.join(str(exc).split())}") from None
+    except RecursionError:
+        raise ConfigError(f"{shown} is nested too deeply to be a config file") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        first = (str(exc).splitlines() or [""])[0]
+        raise ConfigError(f"{shown} holds a value that cannot be read ({first})") from None
+    _check_yaml_shape(data, shown)
+    return data
+
+
+def _check_yaml_shape(data: Any, shown: str) -> None:
+    """ConfigError when ``data`` nests deeper than ``MAX_YAML_DEPTH`` or holds more than
+    ``MAX_YAML_VALUES`` values, counting a value each time an alias repeats it (so a "billion
+    laughs" document stops here instead of expanding later)."""
+    stack, seen = [(data, 0)], 0
+    while stack:
+        node, depth = stack.pop()
+        seen += 1
+        if seen > MAX_YAML_VALUES:
+            raise ConfigError(f"{shown} holds over {MAX_YAML_VALUES} values (with YAML aliases "
+                              f"expanded): not a config file")
+        if depth > MAX_YAML_DEPTH:
+            raise ConfigError(f"{shown} is nested over {MAX_YAML_DEPTH} levels deep: not a "
+                              f"config file")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for pair in node.items() for v in pair)
+        elif isinstance(node, list | tuple | set):
+            stack.extend((v, depth + 1) for v in node)
 
 
 # ---- dict <-> dataclass helpers -------------------------------------------------------------
@@ -330,9 +381,10 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
-        if key not in names:
+        if not isinstance(key, str) or key not in names:
             allowed = ", ".join(sorted(names))
-            raise ConfigError(f"unknown config key {prefix + key!r}; allowed keys here: {allowed}")
+            raise ConfigError(f"unknown config key {prefix + str(key)!r}; allowed keys here: "
+                              f"{allowed}")
     kwargs = {}
     for key, value in data.items():
         kwargs[key] = _coerce(hints[key], value, prefix + key)
@@ -354,7 +406,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             try:
                 return _coerce(arg, value, key)
             except ConfigError as exc:
-                errors.append(str(exc))
+                errors.append(exc)
         raise errors[0] if len(errors) == 1 else ConfigError(
             f"invalid value for {key}: {value!r} (expected {_type_name(tp)})"
         )
@@ -389,7 +441,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         raise ConfigError(f"invalid value for {key}: {value!r} (expected an integer)")
     if tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an integer beyond any float
+                raise ConfigError(f"invalid value for {key}: an integer too large for a "
+                                  f"number (expected a number below 1.8e308)") from None
         if isinstance(value, str):  # YAML 1.1 reads 1e-5 as a string
             try:
                 return float(value)

@@ -23,10 +23,10 @@ from typing import Any
 import torch
 
 from nirdml.embeddings import embed_dataset
-from nirdml.errors import ConfigError, NirdmlError, TrainingError
+from nirdml.errors import ConfigError, InputError, NirdmlError, TrainingError
 from nirdml.nir.monitor import flow_state
 from nirdml.training import builders
-from nirdml.training.checkpoint import load_checkpoint, save_checkpoint
+from nirdml.training.checkpoint import TRAINER_KEYS, load_checkpoint, save_checkpoint
 from nirdml.training.config import Config, load_config
 from nirdml.training.distributed import DistContext
 from nirdml.training.epoch_stats import EpochStats
@@ -64,9 +64,11 @@ class Trainer:
             config.train.device)
         if self.device.type != "cuda" and config.train.amp == "fp16":
             raise ConfigError("train.amp=fp16 needs CUDA; use train.amp=bf16 or none on the CPU")
+        # a fresh start that fails before its first checkpoint leaves nothing behind
+        self._discard_on_failure = self.dist.is_main and not resume
+        self._made_folder = not self.run_dir.root.exists()
         if self.dist.is_main:
-            self._prepare_output()
-        self.log = EpochLog.for_run(config, self.run_dir, self.dist.is_main)
+            self._check_output()
         builders.seed_everything(config.seed)
         if config.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -77,8 +79,12 @@ class Trainer:
         self.best_score = -math.inf
         self.best_epoch: int | None = None
         self.bad_steps_total = 0
-        if resume:
-            self._load_resume_state()
+        with self._undo_on_failure():
+            if self.dist.is_main:
+                self._create_output()
+            self.log = EpochLog.for_run(config, self.run_dir, self.dist.is_main)
+            if resume:
+                self._load_resume_state()
 
     def _build(self) -> None:
         """Data, model, objective, optimiser, sampler, DDP wrappers and the NIR probe."""
@@ -88,6 +94,12 @@ class Trainer:
         if self.unreadable and dist.is_main:
             print("left out unreadable image files (data.on_error=skip): " + ", ".join(
                 f"{n} from {split}" for split, n in self.unreadable.items()), file=sys.stderr)
+        for name in ("val", "test"):  # known before any training: a data problem
+            split = getattr(self.splits, name)
+            if split is not None and split.num_classes < 2:
+                raise InputError(f"the {name} split of {cfg.data.name} holds a single class: "
+                                 f"every neighbour is a match, so no metric means anything; "
+                                 f"use data with at least 2 {name} classes")
         self.in_chans = int(self.splits.train[0][0].shape[0])
         self.preprocessing = builders.measure_preprocessing(cfg, self.splits, self.in_chans)
         self.model = builders.build_model(cfg, in_chans=self.in_chans).to(self.device)
@@ -113,7 +125,7 @@ class Trainer:
     # ---- public ---------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         """Train the remaining epochs, then evaluate the selected checkpoint on the test split."""
-        with self._signal_handlers():
+        with self._undo_on_failure(), self._signal_handlers():
             while self.epoch < self.cfg.train.epochs:
                 record = self._train_one_epoch()
                 self.epoch += 1
@@ -245,7 +257,15 @@ class Trainer:
         return True
 
     # ---- validation, selection, final test ---------------------------------------------
-    def _evaluate(self, dataset, name: str) -> dict[str, float]:
+    def _evaluate(self, dataset, name: str) -> dict[str, Any]:
+        """The metrics of ``dataset`` on the main rank ({} on the others).
+
+        Collapsed embeddings (``nirdml.embeddings.degenerate_reason``) do not stop the run:
+        a warning on stderr, and ``{"degenerate": reason}`` in place of the metrics, which are
+        left out (not NaN), so the epoch is never selected (``_validate``) and final.json says
+        why it has none. A split of a single class is a data problem: an InputError."""
+        from nirdml.embeddings import DegenerateEmbeddingsError
+        from nirdml.errors import InputError
         from nirdml.evaluation import evaluate
 
         shown = name if self.cfg.train.progress and self.dist.is_main else None
@@ -257,9 +277,17 @@ class Trainer:
             return {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            return evaluate(emb.embeddings, emb.labels, metrics=self.cfg.eval.metrics,
-                            query_mask=emb.is_query, gallery_mask=emb.is_gallery,
-                            recall_ks=tuple(self.cfg.eval.recall_ks), progress=shown)
+            try:
+                return evaluate(emb.embeddings, emb.labels, metrics=self.cfg.eval.metrics,
+                                query_mask=emb.is_query, gallery_mask=emb.is_gallery,
+                                recall_ks=tuple(self.cfg.eval.recall_ks), progress=shown)
+            except DegenerateEmbeddingsError as exc:
+                if exc.kind != "collapsed":
+                    raise InputError(f"the {name} split of {self.cfg.data.name}: {exc}") from None
+                reason = str(exc)
+        print(f"WARNING: the {name} embeddings are degenerate (epoch {self.epoch} of training), "
+              f"their metrics are left out: {reason}", file=sys.stderr)
+        return {"degenerate": reason}
 
     def _selection_split(self) -> str:
         select = self.cfg.train.select_on
@@ -278,12 +306,14 @@ class Trainer:
             score = float(self.epoch)
         else:
             key = f"{select}/{self.cfg.train.selection_metric}"
-            if self.dist.is_main and key not in record:
+            collapsed = f"{select}/degenerate" in record
+            if self.dist.is_main and key not in record and not collapsed:
                 raise ConfigError(
                     f"invalid value for train.selection_metric: "
                     f"{self.cfg.train.selection_metric!r}; computed metrics: "
                     + ", ".join(k.split("/", 1)[1] for k in record if k.startswith(select)))
-            score = self.dist.broadcast_float(record.get(key, 0.0))
+            # a collapsed epoch scores -inf: never selected, over a real epoch or at all
+            score = self.dist.broadcast_float(-math.inf if collapsed else record.get(key, 0.0))
         if score > self.best_score:
             self.best_score, self.best_epoch = score, self.epoch
             self._save("best.pt")
@@ -291,6 +321,9 @@ class Trainer:
         return record
 
     def _final_test(self) -> dict[str, Any]:
+        """Test metrics of the selected checkpoint (the last model when no epoch was selected)
+        into final.json; collapsed test embeddings give ``"degenerate": reason`` there and no
+        metrics (``_evaluate``)."""
         best = self.run_dir.checkpoint("best.pt")
         if best.exists():
             self.model.load_state_dict(load_checkpoint(best, map_location=self.device)["model"])
@@ -314,24 +347,42 @@ class Trainer:
 
     def _load_resume_state(self) -> None:
         state = self._resume_state or load_checkpoint(self.run_dir.checkpoint(),
-                                                      map_location="cpu")
+                                                      map_location="cpu", require=TRAINER_KEYS)
         self._resume_state = None
-        restore_trainer(self, state)
+        restore_trainer(self, state, f"checkpoint {str(self.run_dir.checkpoint())!r}")
         if self.dist.is_main:
             print(f"resuming {self.out} at epoch {self.epoch + 1} of {self.cfg.train.epochs}, "
                   f"batch {self.batch_in_epoch} of {len(self.sampler)} done", file=sys.stderr)
 
-    def _prepare_output(self) -> None:
-        """Create the run folder; on resume check the config against the run's own (before
-        anything is written); write config.yaml."""
-        self.run_dir.prepare(self.resume)
+    def _check_output(self) -> None:
+        """Check the run folder, writing nothing (``RunDir.check``); on resume read the
+        checkpoint and check the config against the run's own."""
+        self._folder_was_ours = self.run_dir.check(self.resume)
         if self.resume:
             if self._resume_state is None:
                 self._resume_state = load_checkpoint(self.run_dir.checkpoint(),
-                                                     map_location="cpu")
+                                                     map_location="cpu", require=TRAINER_KEYS)
             check_resume_config(Config.from_dict(self._resume_state["config"]), self.cfg,
                                 str(self.out), int(self._resume_state["epoch"]))
+
+    def _create_output(self) -> None:
+        """Make the run folder (marker, checkpoints/; what an earlier start that never wrote
+        a checkpoint left there is cleared) and write config.yaml."""
+        if not self.resume and self._folder_was_ours:
+            self.run_dir.reset()
+        self.run_dir.create()
         self.run_dir.write_config(self.cfg)
+
+    @contextmanager
+    def _undo_on_failure(self):
+        """A fresh start that fails before its first checkpoint removes what it wrote (never
+        anything else: ``RunDir.discard``)."""
+        try:
+            yield
+        except BaseException:
+            if self._discard_on_failure and not self.run_dir.checkpoint().exists():
+                self.run_dir.discard(remove_folder=self._made_folder)
+            raise
 
     def _progress(self, total: int):
         if not (self.cfg.train.progress and self.dist.is_main):
@@ -367,7 +418,7 @@ def train(config: Config | dict | str | Path | None = None, out_dir: str | Path 
     elif isinstance(config, dict):
         cfg = Config.from_dict(config).with_overrides(overrides)
     elif config is None and resume:  # the run's own config
-        state = load_checkpoint(RunDir(out_dir).checkpoint())
+        state = load_checkpoint(RunDir(out_dir).checkpoint(), require=TRAINER_KEYS)
         cfg = Config.from_dict(state["config"]).with_overrides(overrides)
     else:
         cfg = load_config(config or "digits", overrides)
