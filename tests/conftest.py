@@ -19,6 +19,28 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """An untrained digits checkpoint (:func:`save_untrained_digits_checkpoint`), one per test
+    module (a module may define its own ``checkpoint`` instead)."""
+    path = tmp_path_factory.mktemp("ck") / "best.pt"
+    save_untrained_digits_checkpoint(path)
+    return path
+
+
+def refused(capsys, argv, *words) -> str:
+    """``nirdml.cli.main(argv)`` fails (exit 2) with one line on stderr, no traceback, holding
+    every one of ``words``; returns that line."""
+    from nirdml.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    for word in words:
+        assert word in err[0], err[0]
+    return err[0]
+
+
 def save_untrained_digits_checkpoint(path: Path):
     """An untrained 16-d small-CNN digits checkpoint at ``path``; returns the digits splits."""
     from nirdml.models import build_model

@@ -5,15 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import save_untrained_digits_checkpoint
-from nirdml.cli import main
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ck") / "best.pt"
-    save_untrained_digits_checkpoint(path)
-    return path
+from conftest import refused
 
 
 @pytest.fixture
@@ -23,15 +15,6 @@ def readonly(tmp_path):
     folder.chmod(0o500)
     yield folder
     folder.chmod(0o700)
-
-
-def _refused(capsys, argv, *words):
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "Traceback" not in err[0], err
-    for w in words:
-        assert w in err[0], err[0]
-    return err[0]
 
 
 def test_unwritable_outputs_are_refused_before_any_work(checkpoint, readonly, tmp_path, capsys,
@@ -45,29 +28,29 @@ def test_unwritable_outputs_are_refused_before_any_work(checkpoint, readonly, tm
 
     monkeypatch.setattr(TrainedRun, "open",
                         lambda *a, **k: pytest.fail("opened the checkpoint before checking --out"))
-    _refused(capsys, ["embed", "--checkpoint", str(checkpoint), "--out",
+    refused(capsys, ["embed", "--checkpoint", str(checkpoint), "--out",
                       str(readonly / "e.npz")], "--out", "cannot be written")
-    _refused(capsys, ["evaluate", "--checkpoint", str(checkpoint), "--json",
+    refused(capsys, ["evaluate", "--checkpoint", str(checkpoint), "--json",
                       str(readonly / "m.json")], "--json", "cannot be written")
-    _refused(capsys, ["export", "--checkpoint", str(checkpoint), "--format", "torchscript",
+    refused(capsys, ["export", "--checkpoint", str(checkpoint), "--format", "torchscript",
                       "--out", str(readonly / "m.pt")], "--out", "cannot be written")
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text("")
-    _refused(capsys, ["report", "--run", str(run), "--out", str(readonly / "r.html")],
-             "--out", "cannot be written")
-    _refused(capsys, ["embed", "--checkpoint", str(checkpoint), "--out", str(tmp_path)],
-             "is a folder")
+    refused(capsys, ["report", "--run", str(run), "--out", str(readonly / "r.html")],
+            "--out", "cannot be written")
+    refused(capsys, ["embed", "--checkpoint", str(checkpoint), "--out", str(tmp_path)],
+            "is a folder")
 
 
 def test_report_of_a_folder_that_is_not_a_run(tmp_path, capsys):
-    _refused(capsys, ["report", "--run", str(tmp_path)], "not a training run")
+    refused(capsys, ["report", "--run", str(tmp_path)], "not a training run")
 
 
 def test_evaluate_on_a_file_that_is_not_npz(tmp_path, capsys):
     bad = tmp_path / "emb.npy"
     np.save(bad, np.zeros((3, 2)))
-    _refused(capsys, ["evaluate", "--embeddings", str(bad)], "is not an .npz file")
+    refused(capsys, ["evaluate", "--embeddings", str(bad)], "is not an .npz file")
     text = tmp_path / "emb.npz"
     text.write_text("hello")
-    _refused(capsys, ["evaluate", "--embeddings", str(text)], "is not an .npz file")
+    refused(capsys, ["evaluate", "--embeddings", str(text)], "is not an .npz file")

@@ -15,16 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import save_untrained_digits_checkpoint
+from conftest import refused
 from nirdml.cli import main
 from nirdml.errors import ConfigError, InputError, NirdmlError
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ck") / "best.pt"
-    save_untrained_digits_checkpoint(path)
-    return path
 
 
 @pytest.fixture
@@ -39,16 +32,6 @@ def no_work(monkeypatch):
 
     monkeypatch.setattr(TrainedRun, "open", refuse)
     monkeypatch.setattr(pipeline, "_read_input", refuse)
-
-
-def _refused(capsys, argv, *words) -> str:
-    """``main(argv)`` fails with one line on stderr (a NirdmlError) holding ``words``."""
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "Traceback" not in err[0], err
-    for word in words:
-        assert word in err[0], err[0]
-    return err[0]
 
 
 def _bad_option(capsys, argv, *words) -> str:
@@ -82,9 +65,9 @@ def test_a_single_class_is_an_error_in_evaluate_and_analyze_with_one_wording(tmp
 
     x, _ = _clusters()
     one = _npz(tmp_path / "one.npz", x, np.full(len(x), 3))
-    said = _refused(capsys, ["evaluate", "--embeddings", one], "single class", "label 3")
-    again = _refused(capsys, ["analyze", "--embeddings", one, "--out", str(tmp_path / "a")],
-                     "single class")
+    said = refused(capsys, ["evaluate", "--embeddings", one], "single class", "label 3")
+    again = refused(capsys, ["analyze", "--embeddings", one, "--out", str(tmp_path / "a")],
+                    "single class")
     assert said.split("error: ", 1)[1] == again.split("error: ", 1)[1]
     assert not (tmp_path / "a").exists()  # a failed analysis leaves no folder behind
     with pytest.raises(InputError, match="single class"):
@@ -107,9 +90,9 @@ def test_collapsed_embeddings_are_an_error_in_evaluate_and_analyze(tmp_path, cap
     x = (np.tile(rng.normal(size=(1, 8)), (len(y), 1))
          * (1 + noise * rng.normal(size=(len(y), 8)))).astype(np.float32)
     path = _npz(tmp_path / "flat.npz", x, y)
-    said = _refused(capsys, ["evaluate", "--embeddings", path], "collapsed")
-    again = _refused(capsys, ["analyze", "--embeddings", path, "--out", str(tmp_path / "a")],
-                     "collapsed")
+    said = refused(capsys, ["evaluate", "--embeddings", path], "collapsed")
+    again = refused(capsys, ["analyze", "--embeddings", path, "--out", str(tmp_path / "a")],
+                    "collapsed")
     assert said.split("error: ", 1)[1] == again.split("error: ", 1)[1]
     with pytest.raises(InputError, match="collapsed"):
         evaluate(x, y, metrics=["recall@8"])
@@ -221,15 +204,15 @@ def test_devices_that_do_not_exist_are_one_line_errors(tmp_path, capsys, checkpo
     missing_gpu = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU, or none at all
     bad = ["banana", missing_gpu, "CUDA", ""] + ([] if torch.cuda.is_available() else ["cuda"])
     for name in bad:
-        _refused(capsys, ["evaluate", "--embeddings", path, "--device", name], "--device")
+        refused(capsys, ["evaluate", "--embeddings", path, "--device", name], "--device")
     for argv in (["embed", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "o.npz")],
                  ["analyze", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "o")],
                  ["evaluate", "--checkpoint", str(checkpoint)],
                  ["search", "--index", str(tmp_path), "--query", "q.png"],
                  ["index", "build", "--checkpoint", str(checkpoint), "--gallery", "split:test",
                   "--out", str(tmp_path / "i")]):
-        _refused(capsys, [*argv, "--device", "banana"], "--device 'banana' is not a device")
-        _refused(capsys, [*argv, "--device", missing_gpu], f"--device '{missing_gpu}'")
+        refused(capsys, [*argv, "--device", "banana"], "--device 'banana' is not a device")
+        refused(capsys, [*argv, "--device", missing_gpu], f"--device '{missing_gpu}'")
     with pytest.raises(ConfigError, match="train.device='banana' is not a device"):
         resolve_device("banana")
     with pytest.raises(ConfigError, match="device='banana'"):
@@ -240,11 +223,11 @@ def test_devices_that_do_not_exist_are_one_line_errors(tmp_path, capsys, checkpo
 def test_analyze_out_that_cannot_be_a_folder(tmp_path, capsys, no_work):
     x, y = _clusters()
     path = _npz(tmp_path / "e.npz", x, y)
-    _refused(capsys, ["analyze", "--embeddings", path, "--out", "/proc/x"], "--out", "/proc/x")
+    refused(capsys, ["analyze", "--embeddings", path, "--out", "/proc/x"], "--out", "/proc/x")
     a_file = tmp_path / "a-file"
     a_file.write_text("mine")
-    _refused(capsys, ["analyze", "--embeddings", path, "--out", str(a_file)],
-             "is a file, not a folder")
+    refused(capsys, ["analyze", "--embeddings", path, "--out", str(a_file)],
+            "is a file, not a folder")
     assert a_file.read_text() == "mine"
 
 
@@ -257,11 +240,11 @@ def test_export_numbers_and_suffixes_are_checked_first(tmp_path, capsys, checkpo
     low, high = onnx_opset_range()
     assert low == 9 and high >= 17  # verified: torch 2.x's exporter, 9 to 20
     for opset in ("3", str(low - 1), str(high + 1)):
-        _refused(capsys, [*base, "--opset", opset], f"--opset {opset}",
-                 f"from {low} to {high}")
-    _refused(capsys, ["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--out",
+        refused(capsys, [*base, "--opset", opset], f"--opset {opset}",
+                f"from {low} to {high}")
+    refused(capsys, ["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--out",
                       str(tmp_path / "m.pt")], "onnx export goes to a .onnx file", "m.onnx")
-    _refused(capsys, ["export", "--checkpoint", str(checkpoint), "--format", "torchscript",
+    refused(capsys, ["export", "--checkpoint", str(checkpoint), "--format", "torchscript",
                       "--out", str(tmp_path / "m.onnx")], ".pt / .pth / .ts file", "m.pt")
     assert not list(tmp_path.iterdir())
 
@@ -350,21 +333,21 @@ def test_files_nirdml_did_not_write_are_never_replaced(tmp_path, capsys, checkpo
         (tmp_path / name).write_bytes(b"my own file")
         user_files[tmp_path / name] = b"my own file"
     said = "exists and was not written by nirdml; pass --overwrite"
-    _refused(capsys, ["embed", "--checkpoint", str(checkpoint), "--out", str(user_npz)], said)
-    _refused(capsys, ["export", "--checkpoint", str(checkpoint), "--out",
+    refused(capsys, ["embed", "--checkpoint", str(checkpoint), "--out", str(user_npz)], said)
+    refused(capsys, ["export", "--checkpoint", str(checkpoint), "--out",
                       str(tmp_path / "m.onnx")], said)
-    _refused(capsys, ["export", "--checkpoint", str(checkpoint), "--format", "torchscript",
+    refused(capsys, ["export", "--checkpoint", str(checkpoint), "--format", "torchscript",
                       "--out", str(tmp_path / "m.pt")], said)
     run = _run_folder(tmp_path)
-    _refused(capsys, ["report", "--run", str(run), "--out", str(tmp_path / "r.html")], said)
+    refused(capsys, ["report", "--run", str(run), "--out", str(tmp_path / "r.html")], said)
     (run / "report.html").write_text("<html>my notes</html>")
-    _refused(capsys, ["report", "--run", str(run), "--no-grid"], said)
+    refused(capsys, ["report", "--run", str(run), "--no-grid"], said)
     user_files[run / "report.html"] = b"<html>my notes</html>"
     folder = tmp_path / "results"
     folder.mkdir()
     (folder / "notes.txt").write_text("mine")
-    _refused(capsys, ["analyze", "--embeddings", str(user_npz), "--out", str(folder)],
-             "not empty", "was not written by nirdml")
+    refused(capsys, ["analyze", "--embeddings", str(user_npz), "--out", str(folder)],
+            "not empty", "was not written by nirdml")
     for path, data in user_files.items():
         assert path.read_bytes() == data, path
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
@@ -421,7 +404,7 @@ def test_analysis_folders_of_nirdml_are_reused(tmp_path, capsys):
     other = tmp_path / "idx"
     other.mkdir()
     (other / MARKER).write_text(json.dumps({"kind": "index"}))
-    _refused(capsys, ["analyze", "--embeddings", path, "--out", str(other)], "index output")
+    refused(capsys, ["analyze", "--embeddings", path, "--out", str(other)], "index output")
     capsys.readouterr()
 
 
