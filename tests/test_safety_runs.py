@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import save_untrained_digits_checkpoint
 from nirdml.cli import main
 from nirdml.errors import CheckpointError
 from nirdml.training.checkpoint import (
@@ -43,13 +42,6 @@ def format1_bytes(state) -> bytes:
     return b"NIRDMLCK" + hashlib.sha256(payload).digest() + payload
 
 
-@pytest.fixture(scope="module")
-def good(tmp_path_factory):
-    path = tmp_path_factory.mktemp("good") / "best.pt"
-    save_untrained_digits_checkpoint(path)
-    return path
-
-
 def _one_line_error(capsys, argv, *words):
     capsys.readouterr()
     assert main(argv) == 2, argv
@@ -75,7 +67,7 @@ def _run_folder(folder, checkpoint_bytes_, name="last.pt", config=None):
     return folder
 
 
-def test_a_format1_checkpoint_is_never_unpickled_by_any_reader(tmp_path, good, capsys):
+def test_a_format1_checkpoint_is_never_unpickled_by_any_reader(tmp_path, checkpoint, capsys):
     flag = tmp_path / "code-ran"
     evil = format1_bytes({"format_version": 1, "config": {}, "x": _RunsCode(flag)})
     # the old loader ran it (as the issue reports): the file is a working exploit
@@ -117,8 +109,8 @@ def test_a_format1_checkpoint_is_never_unpickled_by_any_reader(tmp_path, good, c
     assert main(["report", "--run", str(tmp_path / "report_run"), "--out",
                  str(out / "r.html")]) == 0
     assert "format 1" in (out / "r.html").read_text() and not flag.exists()
-    # search: an index built with a good checkpoint, queried with the evil one
-    assert main(["index", "build", "--checkpoint", str(good), "--gallery", "split:test",
+    # search: an index built with a sound checkpoint, queried with the evil one
+    assert main(["index", "build", "--checkpoint", str(checkpoint), "--gallery", "split:test",
                  "--out", str(tmp_path / "idx")]) == 0
     from PIL import Image
 
@@ -153,8 +145,8 @@ def test_tune_refuses_a_format1_checkpoint_in_a_trial_folder(tmp_path, capsys):
     assert "format 1" in line or "no trial completed" in line, line
 
 
-def test_upgrade_with_trust_converts_a_format1_checkpoint(tmp_path, good, capsys):
-    state = load_checkpoint(good)
+def test_upgrade_with_trust_converts_a_format1_checkpoint(tmp_path, checkpoint, capsys):
+    state = load_checkpoint(checkpoint)
     state.pop("format_version")
     old = tmp_path / "old.pt"
     old.write_bytes(format1_bytes({"format_version": 1, **state}))
@@ -201,14 +193,14 @@ def test_the_state_of_a_training_run_round_trips_exactly(tmp_path):
     assert first == (random.random(), np.random.rand(), torch.rand(1).item())
 
 
-def test_missing_or_mistyped_keys_are_one_line_errors(tmp_path, good, capsys):
-    state = load_checkpoint(good)
+def test_missing_or_mistyped_keys_are_one_line_errors(tmp_path, checkpoint, capsys):
+    state = load_checkpoint(checkpoint)
     no_config = {k: v for k, v in state.items() if k not in ("config", "format_version")}
     save_checkpoint(no_config, tmp_path / "a.pt")
     _one_line_error(capsys, ["evaluate", "--checkpoint", str(tmp_path / "a.pt")],
                     "lacks 'config'")
     with pytest.raises(CheckpointError, match="lacks"):
-        load_checkpoint(good, require=TRAINER_KEYS)
+        load_checkpoint(checkpoint, require=TRAINER_KEYS)
     bad_type = {**{k: v for k, v in state.items() if k != "format_version"}, "epoch": "x"}
     save_checkpoint(bad_type, tmp_path / "b.pt")
     _one_line_error(capsys, ["evaluate", "--checkpoint", str(tmp_path / "b.pt")],
@@ -338,11 +330,13 @@ def test_a_run_of_ours_that_never_checkpointed_is_restarted_in_place(tmp_path):
     first = Trainer(_digits(), tmp_path / "r")
     (tmp_path / "r" / "metrics.jsonl").write_text('{"epoch": 9}\n')  # a stale record
     (tmp_path / "r" / "notes.txt").write_text("mine")
+    (tmp_path / "r" / "checkpoints" / "my-empty-folder").mkdir()
     del first
     Trainer(_digits(), tmp_path / "r").fit()
     records = [json.loads(line) for line in (tmp_path / "r/metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1]
     assert (tmp_path / "r" / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "r" / "checkpoints" / "my-empty-folder").is_dir()
 
 
 def test_crossval_never_removes_a_fold_folder_it_did_not_write(tmp_path, capsys):

@@ -112,20 +112,24 @@ def claim_folder(folder: str | os.PathLike, kind: str, option: str = "--out",
 
 
 def remove_owned(folder: str | os.PathLike, names: Iterable[str],
-                 remove_folder: bool = True) -> bool:
-    """Remove the files and (empty, after that) sub-folders ``names`` from ``folder`` and the
-    marker; with ``remove_folder``, remove ``folder`` itself when nothing else is left (pass
-    False for a folder the user made). Returns whether it went.
+                 remove_folder: bool = True, keep_marker: bool = False) -> bool:
+    """Remove the files ``names`` from ``folder``, and the sub-folders among ``names`` when
+    they are empty after that (name a folder after its files), then the marker (unless
+    ``keep_marker``); with ``remove_folder``, remove ``folder`` itself when nothing else is
+    left (pass False for a folder the user made). Returns whether the folder went.
 
-    Only paths named here are touched: a file a user put into the folder stays, and so does
-    the folder around it."""
+    Only paths named here are touched: a file or folder a user put into the folder stays, and
+    so does the folder around it."""
     folder = Path(folder)
-    for name in [*names, MARKER]:
+    for name in [*names, *([] if keep_marker else [MARKER])]:
         path = folder / name
         if path.is_symlink() or path.is_file():
             path.unlink(missing_ok=True)
         elif path.is_dir():
-            _remove_empty_tree(path)
+            try:
+                path.rmdir()  # only when empty
+            except OSError:
+                pass
     if not remove_folder:
         return False
     try:
@@ -133,14 +137,3 @@ def remove_owned(folder: str | os.PathLike, names: Iterable[str],
     except OSError:
         return False
     return True
-
-
-def _remove_empty_tree(folder: Path) -> None:
-    """Remove ``folder`` if it holds nothing but empty folders."""
-    for child in folder.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            _remove_empty_tree(child)
-    try:
-        folder.rmdir()
-    except OSError:
-        pass

@@ -43,13 +43,9 @@ def is_legacy_analysis(folder: str | Path) -> bool:
 def _undo_claim(out: Path, existed: bool) -> None:
     """After a failed run in a folder that was not ours: remove what it wrote (and the folder,
     when this run created it and nothing else is in it)."""
-    from nirdml.owned import MARKER, remove_owned
+    from nirdml.owned import remove_owned
 
-    if not existed:
-        remove_owned(out, OUTPUT_FILES)
-        return
-    for name in (*OUTPUT_FILES, MARKER):
-        (out / name).unlink(missing_ok=True)
+    remove_owned(out, OUTPUT_FILES, remove_folder=not existed)
 
 
 def load_embeddings_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:

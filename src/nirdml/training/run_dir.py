@@ -127,15 +127,7 @@ class RunDir:
     def reset(self) -> None:
         """Before a fresh start in a run folder of ours that never wrote a checkpoint (a start
         that failed or was stopped early): remove what that start wrote, keep the marker."""
-        for name in self._own_files():
-            path = self.root / name
-            if path.is_file():
-                path.unlink()
-            elif path.is_dir():
-                try:
-                    path.rmdir()
-                except OSError:
-                    pass
+        remove_owned(self.root, self._own_files(), remove_folder=False, keep_marker=True)
 
     def discard(self, remove_folder: bool = True) -> None:
         """Undo a start that failed before its first checkpoint: remove what it wrote, the
