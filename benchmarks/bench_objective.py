@@ -2,7 +2,7 @@
 
 Per configuration (batch 90 = 45 classes x 2 samples, embedding dim D, C classes) it times:
 
-* ``ours``: ``NIRLoss(ProxyAnchorLoss(C, D), 0.01, mode="release")`` with nirdml's flow;
+* ``ours``: ``NIRLoss.from_options(ProxyAnchorLoss(C, D), 0.01, mode="release")``, nirdml's flow;
 * ``freia``: the same objective with the same flow built from FrEIA 0.2 (``SequenceINN`` of
   ``PermuteRandom(seed=k)`` + conditional ``GLOWCouplingBlock(clamp=2.0, "ATAN")``), weights
   copied from ours; the loss values and embedding gradients are checked to agree;
@@ -11,8 +11,11 @@ Per configuration (batch 90 = 45 classes x 2 samples, embedding dim D, C classes
 * ``pml-pa``: pytorch-metric-learning's ``ProxyAnchorLoss`` alone (a reference proxy loss);
 * ``ours-plain`` (with ``--plain``): our flow with plain autograd instead of the fused backward;
 * ``ours-compiled`` (with ``--compile``): our plain-autograd flow under ``torch.compile``
-  (compile time excluded: it happens in the warm-up). Measured on par with the fused eager
-  path, which is why the library does not ship a compile option.
+  (compile time excluded: it happens in the warm-up; it is printed separately).
+
+With ``--plain``/``--compile`` the output ends with the fused path's speedup over each: the
+fused backend stays only while it is >= 1.2x faster than plain autograd (see
+``nirdml.nir._fused``).
 
 Variants run interleaved, repetition by repetition, and the medians are reported, with the
 machine's load average before and after (other processes on the cores skew CPU timings, and
@@ -42,6 +45,8 @@ from nirdml.losses import ProxyAnchorLoss
 from nirdml.nir import NIRLoss
 
 BATCH, PER_CLASS, WEIGHT = 90, 2, 0.01
+#: wall seconds of the first (compiling) call of ``ours-compiled``, per (D, C)
+COMPILE_SECONDS: dict[tuple[int, int], float] = {}
 
 
 def _subnet_constructor(depth=8, width=128):
@@ -94,7 +99,7 @@ def copy_into_freia(flow, inn):
 
 def make_config(dim, num_classes, seed=0, keep_grads=False):
     torch.manual_seed(seed)
-    nir = NIRLoss(ProxyAnchorLoss(num_classes, dim), WEIGHT, mode="release")
+    nir = NIRLoss.from_options(ProxyAnchorLoss(num_classes, dim), WEIGHT, mode="release")
     pa = ProxyAnchorLoss(num_classes, dim)  # the FrEIA objective's own copy
     pa.load_state_dict(nir.base_loss.state_dict())
     inn = build_freia_flow(dim)
@@ -145,11 +150,15 @@ def make_config(dim, num_classes, seed=0, keep_grads=False):
     def compiled():
         nonlocal compiled_nir
         if compiled_nir is None:  # same weights, flow compiled (the first call compiles)
-            compiled_nir = NIRLoss(ProxyAnchorLoss(num_classes, dim), WEIGHT, mode="release",
-                                   fused=False)
+            compiled_nir = NIRLoss.from_options(ProxyAnchorLoss(num_classes, dim), WEIGHT,
+                                                mode="release", fused=False)
             compiled_nir.load_state_dict(nir.state_dict())
             compiled_nir.flow.forward = torch.compile(compiled_nir.flow.forward)
             params.extend(compiled_nir.parameters())
+            t0 = time.perf_counter()
+            zero()
+            compiled_nir(emb, labels).backward()
+            COMPILE_SECONDS[(dim, num_classes)] = time.perf_counter() - t0
         zero()
         loss = compiled_nir(emb, labels)
         loss.backward()
@@ -235,12 +244,16 @@ def main(argv=None):
     print(header)
     print("-" * len(header))
     ratios, flow_ratios = [], []
+    backend = {"ours-plain": [], "ours-compiled": []}  # time(peer) / time(fused), per config
     for dim in args.dims:
         for num_classes in args.classes:
             variants, _ = make_config(dim, num_classes, keep_grads=args.keep_grads)
             run = names + ["pa"] + (["pml-pa"] if "pml-pa" in variants else [])
             med = bench(variants, run, reps, warmup, clock)
             ratio = med["ours"] / med["freia"]
+            for peer in backend:
+                if peer in med:
+                    backend[peer].append(med[peer] / med["ours"])
             ratios.append(ratio)
             row = f"{dim:>4} {num_classes:>6} | " + " ".join(f"{med[n]:>13.2f}" for n in names)
             flow_only = (med["ours"] - med["pa"]) / (med["freia"] - med["pa"])
@@ -261,6 +274,13 @@ def main(argv=None):
     if all(r > 0 for r in flow_ratios):
         print(f"flow part only (step minus the shared proxy loss), ours/FrEIA: "
               f"{geomean(flow_ratios):.2f} (geometric mean)")
+    for (d, c), sec in COMPILE_SECONDS.items():
+        print(f"torch.compile of the plain flow, first step (compiling) D={d} C={c}: {sec:.1f} s")
+    for peer, values in backend.items():
+        if values:  # the fused backend is kept only while it is >= 1.2x faster than its peers
+            print(f"fused step speedup over {peer.removeprefix('ours-')}: "
+                  f"{', '.join(f'{v:.2f}x' for v in values)} (per config; geometric mean "
+                  f"{geomean(values):.2f}x)")
     print(f"ours/FrEIA ratio: {geo:.2f} (time ratio, geometric mean; speedup {1 / geo:.2f}x)")
 
 

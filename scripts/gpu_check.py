@@ -90,7 +90,8 @@ def part_flow(args, device) -> dict:
             variants["cuda_graphs"] = {"cuda_graphs": True}
         for name, kw in variants.items():
             torch.manual_seed(0)
-            nir = NIRLoss(ProxyAnchorLoss(100, dim), 1.0, mode="paper", **kw).to(device)
+            nir = NIRLoss.from_options(ProxyAnchorLoss(100, dim), 1.0, mode="paper",
+                                       **kw).to(device)
             x = torch.randn(90, dim, device=device, requires_grad=True)
             cond = torch.nn.functional.normalize(torch.randn(90, dim, device=device), dim=1)
             results[name] = _time(lambda nir=nir, x=x, cond=cond: nir.nll(x, cond).sum()
@@ -98,7 +99,7 @@ def part_flow(args, device) -> dict:
         if device.type == "cuda" and not args.tiny:
             try:
                 torch.manual_seed(0)
-                plain = NIRLoss(ProxyAnchorLoss(100, dim), 1.0, mode="paper",
+                plain = NIRLoss.from_options(ProxyAnchorLoss(100, dim), 1.0, mode="paper",
                                 fused=False).to(device)
                 compiled = torch.compile(plain.nll, mode="reduce-overhead")
                 x = torch.randn(90, dim, device=device, requires_grad=True)

@@ -29,7 +29,7 @@ import numpy as np
 
 #: keys whose values are timings or locations, not results
 IGNORED_KEYS = re.compile(r"(time|seconds|_s$|^s$|elapsed|duration|date|created|path|root|"
-                          r"folder|host|version|cache|started|finished|pid|wall)", re.I)
+                          r"folder|host|version|cache|started|finished|pid|wall|checkpoint)", re.I)
 
 #: the NIR variants of the Omniglot runs: name -> overrides
 NIR_VARIANTS = {

@@ -359,7 +359,7 @@ def test_margin_softmax_losses_are_proxy_losses_nir_wraps(name):
     torch.manual_seed(0)
     base = build_loss(name, C, D, proxy_lr_multiplier=10.0)
     assert isinstance(base, ProxyLoss) and name in PROXY_LOSSES
-    nir = NIRLoss(base, 0.1, num_blocks=1, subnet_depth=2, subnet_width=8)
+    nir = NIRLoss.from_options(base, 0.1, num_blocks=1, subnet_depth=2, subnet_width=8)
     emb, labels = _batch(0)
     out = nir(emb.float().requires_grad_(True), labels)
     out.backward()
@@ -421,7 +421,7 @@ def test_nir_refuses_losses_without_proxies(name):
     from nirdml.nir import NIRLoss
 
     with pytest.raises(ConfigError) as err:
-        NIRLoss(build_loss(name, C, D), 0.1)
+        NIRLoss.from_options(build_loss(name, C, D), 0.1)
     message = str(err.value)
     assert "NIR needs class proxies" in message and "proxy loss" in message
     for proxy_loss in ("proxy_anchor", "arcface", "soft_triple"):

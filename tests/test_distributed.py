@@ -30,7 +30,7 @@ def _build(seed=0, loss="nir"):
     torch.manual_seed(seed)
     model = build_model("small_cnn", embedding_dim=8, in_chans=1).double().eval()
     if loss == "nir":
-        crit = NIRLoss(ProxyAnchorLoss(6, 8), weight=0.5, num_blocks=2, subnet_depth=2,
+        crit = NIRLoss.from_options(ProxyAnchorLoss(6, 8), weight=0.5, num_blocks=2, subnet_depth=2,
                        subnet_width=16).double()
     else:  # pair losses: contrastive has no parameter, margin its beta (and random sampling,
         # the same draws on every rank: they share the seed)

@@ -95,7 +95,7 @@ def test_cuda_graphed_flow_trains_like_the_eager_flow(mode):
     losses = []
     for graphs in (False, True):
         torch.manual_seed(0)
-        nir = NIRLoss(ProxyAnchorLoss(100, 128), 1.0, mode=mode, per_dim=True,
+        nir = NIRLoss.from_options(ProxyAnchorLoss(100, 128), 1.0, mode=mode, per_dim=True,
                       cuda_graphs=graphs).cuda()
         head = torch.nn.Linear(32, 128).cuda()
         opt = torch.optim.Adam([*head.parameters(), *nir.parameters()], lr=1e-3)

@@ -19,7 +19,8 @@ from nirdml.losses import (
     SoftTripleLoss,
 )
 from nirdml.nir import ConditionalGlowFlow, NIRLoss
-from nirdml.nir.regularizer import capped_exp
+from nirdml.nir.terms import capped_exp
+from nirdml.nir.terms.disc import negative_labels
 
 C, D = 6, 8
 LABELS = torch.tensor([0, 0, 2, 2, 3, 3, 5, 1, 1, 0])
@@ -64,7 +65,7 @@ def _emb(seed=0):
 def _nir(base_cls=ProxyAnchorLoss, mode="release", weight=0.3, seed=0, **kw):
     torch.manual_seed(seed)
     base = base_cls(C, D)
-    return NIRLoss(base, weight, mode=mode, **SMALL_FLOW, **kw).double()
+    return NIRLoss.from_options(base, weight, mode=mode, **SMALL_FLOW, **kw).double()
 
 
 def _reference_total(nir, emb, weight, mode, per_dim=False, base_scale="standard",
@@ -141,7 +142,7 @@ def test_kl_mode_does_not_reward_shrinking_a_class():
     minus D log(1/s), where the paper's term takes the NLL change alone."""
     emb = F.normalize(_emb(3), dim=1)
     centres = torch.stack([emb[LABELS == c].mean(0) for c in LABELS.tolist()])
-    from nirdml.nir.regularizer import within_class_log_nn
+    from nirdml.nir.terms.kl import within_class_log_nn
 
     log_nn, has_nn = within_class_log_nn(emb, LABELS)
     shrunk = centres + 0.5 * (emb - centres)
@@ -188,7 +189,7 @@ def test_disc_negatives_are_other_batch_classes_drawn_uniformly():
     counts = torch.zeros(len(labels), C)
     torch.manual_seed(0)
     for _ in range(400):
-        neg = nir._negative_labels(labels)
+        neg = negative_labels(labels, nir.term.negatives)
         assert neg.shape == (len(labels), 2)
         assert (neg != labels[:, None]).all() and (neg[:, 0] != neg[:, 1]).all()
         counts.scatter_add_(1, neg, torch.ones_like(neg, dtype=torch.float))
@@ -199,7 +200,7 @@ def test_disc_negatives_are_other_batch_classes_drawn_uniformly():
     assert (counts[~others] == 0).all()
     assert ((counts[others] - 200).abs() < 31).all(), counts[others]
     one_class = torch.zeros(4, dtype=torch.long)
-    assert nir._negative_labels(one_class).shape == (4, 0)
+    assert negative_labels(one_class, 2).shape == (4, 0)
     total = nir(_emb()[:4], one_class)  # no negatives: the CE is 0, the loss still finite
     assert torch.isfinite(total) and nir.last_terms["ce"] == 0
 
@@ -208,8 +209,8 @@ def test_noise_acts_in_training_only_and_keeps_unit_norm(monkeypatch):
     nir = _nir(mode="paper", noise=0.05, weight=1.0)
     emb = _emb(8)
     seen = []
-    original = nir.flow.nll
-    monkeypatch.setattr(nir.flow, "nll", lambda x, c: seen.append(x) or original(x, c))
+    original = nir.nll
+    monkeypatch.setattr(nir, "nll", lambda x, c: seen.append(x) or original(x, c))
     nir.eval()
     nir(emb, LABELS)
     torch.testing.assert_close(seen[-1], F.normalize(emb, dim=1))  # eval: no noise
@@ -227,14 +228,14 @@ def test_noise_acts_in_training_only_and_keeps_unit_norm(monkeypatch):
 
 def test_learned_base_scale_trains_with_the_flow():
     nir = _nir(mode="paper", base_scale="learned", weight=1.0)
-    assert nir.base_log_scale.item() == pytest.approx(-0.5 * math.log(D))
+    assert nir.base.log_scale.item() == pytest.approx(-0.5 * math.log(D))
     sphere = _nir(mode="paper", base_scale="sphere", weight=1.0)
     emb = _emb(9)
     torch.testing.assert_close(nir(emb, LABELS), sphere(emb, LABELS))  # same start
     nir(emb, LABELS).backward()
-    assert nir.base_log_scale.grad is not None and nir.base_log_scale.grad != 0
+    assert nir.base.log_scale.grad is not None and nir.base.log_scale.grad != 0
     flow_group = {g["name"]: g for g in nir.param_groups(1e-3)}["flow"]
-    assert any(p is nir.base_log_scale for p in flow_group["params"])
+    assert any(p is nir.base.log_scale for p in flow_group["params"])
     assert "base_log_scale" in nir.last_terms
 
 
@@ -274,7 +275,7 @@ def test_the_flow_term_alone_moves_the_proxies():
 def test_composes_with_every_proxy_loss(base_cls):
     torch.manual_seed(0)
     base = base_cls(C, D)
-    nir = NIRLoss(base, 0.1, **SMALL_FLOW).double()
+    nir = NIRLoss.from_options(base, 0.1, **SMALL_FLOW).double()
     emb = _emb(3).requires_grad_()
     total = nir(emb, LABELS)
     total.backward()
@@ -325,18 +326,18 @@ def test_release_mode_stays_finite_when_exp_would_overflow():
         flow.b_out[-1][D // 2:].fill_(30.0)  # huge shifts: 0.5 ||z||^2 ~ 1800 > 88
     base = ProxyAnchorLoss(C, D)
     emb = _emb(4).float().requires_grad_()
-    nir = NIRLoss(base, 0.01, flow=flow)
+    nir = NIRLoss.from_options(base, 0.01, flow=flow)
     total = nir(emb, LABELS)
     assert nir.last_terms["nll_max"] > 88  # plain exp() would be inf in float32
     assert torch.isfinite(total)
     total.backward()
     assert torch.isfinite(emb.grad).all() and torch.isfinite(base.proxies.grad).all()
-    uncapped = NIRLoss(base, 0.01, flow=flow, nll_cap=None)
+    uncapped = NIRLoss.from_options(base, 0.01, flow=flow, nll_cap=None)
     assert torch.isinf(uncapped(emb, LABELS))
 
 
 def test_low_precision_embeddings_and_autocast():
-    nir = NIRLoss(ProxyAnchorLoss(C, D), 0.01, **SMALL_FLOW)
+    nir = NIRLoss.from_options(ProxyAnchorLoss(C, D), 0.01, **SMALL_FLOW)
     emb = _emb(5).float()
     ref = nir(emb, LABELS)
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
@@ -358,28 +359,33 @@ def test_state_dict_round_trip():
 
 def test_config_errors():
     base = ProxyAnchorLoss(C, D)
-    with pytest.raises(ConfigError, match="release, paper, selfnorm, disc, kl"):
-        NIRLoss(base, 0.1, mode="both")
-    with pytest.raises(ConfigError, match="noise must be a finite number >= 0"):
-        NIRLoss(base, 0.1, noise=-0.1)
+    with pytest.raises(ConfigError, match="disc, kl, paper, release, selfnorm"):
+        NIRLoss.from_options(base, 0.1, mode="both")
+    with pytest.raises(ConfigError, match=r"loss.nir.noise: -0.1; must be a finite number >= 0"):
+        NIRLoss.from_options(base, 0.1, noise=-0.1)
     with pytest.raises(ConfigError, match="noise_kind 'salt'; choose one of: gaussian, uniform"):
-        NIRLoss(base, 0.1, noise_kind="salt")
-    with pytest.raises(ConfigError, match="base_scale 'huge'; choose one of: standard, sphere"):
-        NIRLoss(base, 0.1, base_scale="huge")
-    with pytest.raises(ConfigError, match="negatives must be an integer >= 1"):
-        NIRLoss(base, 0.1, mode="disc", negatives=0)
-    with pytest.raises(ConfigError, match="warmup_epochs must be an integer >= 0"):
-        NIRLoss(base, 0.1, warmup_epochs=-1)
+        NIRLoss.from_options(base, 0.1, noise_kind="salt")
+    with pytest.raises(ConfigError,
+                       match="base_scale 'huge'; choose one of: learned, sphere, standard"):
+        NIRLoss.from_options(base, 0.1, base_scale="huge")
+    with pytest.raises(ConfigError, match="loss.nir.negatives: 0; must be an integer >= 1"):
+        NIRLoss.from_options(base, 0.1, mode="disc", negatives=0)
+    with pytest.raises(ConfigError, match="loss.nir.warmup_epochs: -1; must be an integer >= 0"):
+        NIRLoss.from_options(base, 0.1, warmup_epochs=-1)
     with pytest.raises(ConfigError, match="weight"):
-        NIRLoss(base, -1.0)
+        NIRLoss.from_options(base, -1.0)
     with pytest.raises(ConfigError, match="embedding_dim"):
-        NIRLoss(base, 0.1, flow=ConditionalGlowFlow(D + 1, **SMALL_FLOW))
+        NIRLoss.from_options(base, 0.1, flow=ConditionalGlowFlow(D + 1, **SMALL_FLOW))
     with pytest.raises(ConfigError, match="not both"):
-        NIRLoss(base, 0.1, flow=ConditionalGlowFlow(D, **SMALL_FLOW), subnet_width=8)
+        NIRLoss.from_options(base, 0.1, flow=ConditionalGlowFlow(D, **SMALL_FLOW), subnet_width=8)
     with pytest.raises(ConfigError, match="proxy loss"):
-        NIRLoss(nn.Linear(D, D), 0.1)
+        NIRLoss.from_options(nn.Linear(D, D), 0.1)
     with pytest.raises(ConfigError, match="cond_mode"):
-        NIRLoss(base, 0.1, cond_mode="nowhere")
+        NIRLoss.from_options(base, 0.1, cond_mode="nowhere")
+    with pytest.raises(ConfigError, match="unknown NIR option.*negatives.*mode 'paper'"):
+        NIRLoss.from_options(base, 0.1, mode="paper", negatives=3)  # a disc option
+    with pytest.raises(ConfigError, match="term must be a NIRTerm"):
+        NIRLoss(base, 0.1)
 
 
 def test_input_errors_come_from_the_base_loss_checks():
@@ -409,3 +415,69 @@ def test_cuda_graphs_option_is_the_eager_path_off_the_gpu():
     assert torch.equal(e1.grad, e2.grad) and b._graphed.graphs == {}
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p.grad, q.grad)
+
+
+def test_a_new_variant_is_one_class_and_one_registration():
+    """A toy term (the NLL's batch maximum) registered by name is usable by name, from the
+    flat options as a config gives them, with its own option, and computes what it says."""
+    from nirdml.nir.terms import NIR_TERMS, NIRTerm, TermValue
+
+    class MaxTerm(NIRTerm):
+        def __init__(self, weight, *, per_dim=False, power=1.0):
+            super().__init__(weight, per_dim=per_dim)
+            self.power = power
+
+        def value(self, batch):
+            nll = batch.nll(batch.x, batch.cond)
+            return TermValue(nll.max() ** self.power, nll, torch.ones_like(nll), {})
+
+    NIR_TERMS.register("toy_max")(MaxTerm)
+    try:
+        torch.manual_seed(0)
+        nir = NIRLoss.from_options(ProxyAnchorLoss(C, D).double(), 0.5, mode="toy_max",
+                                   power=2.0, **SMALL_FLOW).double()
+        emb = _emb()
+        total = nir(emb, LABELS)
+        x = F.normalize(emb, dim=1)
+        nll = nir.flow.nll(x, nir.base_loss.class_proxies(emb, LABELS))
+        want = nir.base_loss(emb, LABELS) + 0.5 * nll.max() ** 2
+        torch.testing.assert_close(total, want, rtol=1e-12, atol=0)
+        with pytest.raises(ConfigError, match="unknown NIR option.*negatives"):
+            NIRLoss.from_options(ProxyAnchorLoss(C, D), 0.5, mode="toy_max", negatives=2)
+    finally:
+        NIR_TERMS._factories.pop("toy_max")
+
+
+def test_pieces_compose_directly_as_from_options_builds_them():
+    """NIRLoss(base_loss, term, flow, base=, perturbation=) is what from_options wires:
+    same loss and gradients, bit for bit."""
+    from nirdml.nir.base import LearnedScaleNormal
+    from nirdml.nir.perturbation import UniformNoise
+    from nirdml.nir.terms import DiscTerm
+
+    results = []
+    for direct in (False, True):
+        torch.manual_seed(0)
+        base = ProxyAnchorLoss(C, D)
+        if direct:
+            nir = NIRLoss(base, DiscTerm(0.2, per_dim=True, negatives=2),
+                          ConditionalGlowFlow(D, **SMALL_FLOW), base=LearnedScaleNormal(D),
+                          perturbation=UniformNoise(0.05))
+        else:
+            nir = NIRLoss.from_options(base, 0.2, mode="disc", per_dim=True, negatives=2,
+                                       base_scale="learned", noise=0.05, noise_kind="uniform",
+                                       **SMALL_FLOW)
+        emb = _emb().float().requires_grad_(True)
+        torch.manual_seed(1)
+        nir(emb, LABELS).backward()
+        results.append((nir.last_terms["total"], emb.grad, nir.base.log_scale.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_checkpoints_of_the_learnt_base_scale_before_the_pieces_still_load():
+    nir = _nir(mode="paper", base_scale="learned")
+    state = nir.state_dict()
+    state["base_log_scale"] = state.pop("base.log_scale") + 1.0  # the old key
+    nir.load_state_dict(state)
+    assert nir.base.log_scale.item() == pytest.approx(-0.5 * math.log(D) + 1.0)

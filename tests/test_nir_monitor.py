@@ -91,7 +91,7 @@ def test_condition_metrics_with_a_known_density():
 
 def _nir(**kw):
     torch.manual_seed(0)
-    return NIRLoss(ProxyAnchorLoss(4, D), subnet_width=16, subnet_depth=3, **kw)
+    return NIRLoss.from_options(ProxyAnchorLoss(4, D), subnet_width=16, subnet_depth=3, **kw)
 
 
 def test_gradient_share_against_autograd_by_hand():

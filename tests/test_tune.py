@@ -70,10 +70,11 @@ def test_space_file_and_yaml_numbers(tmp_path):
     ("data.batch_size: {type: categorical, choices: [16, 91]}", ["91", "multiple"]),
     ("train.epochs: {type: float, low: 0.5, high: 2}", ["train.epochs", "integer"]),
     ("loss.options.margin: {type: float, low: 0.1, high: 0.3}",
-     ["proxy_anchor", "no option 'margin'", "alpha, delta"]),
+     ["proxy_anchor", "invalid key loss.options.margin", "alpha, delta"]),
     ("loss.name: {type: categorical, choices: [proxy_anchor, triplet]}",
      ["triplet", "class proxies"]),
-    ("data.options.zoom: {type: float, low: 1, high: 2}", ["dataset 'digits'", "'zoom'"]),
+    ("data.options.zoom: {type: float, low: 1, high: 2}",
+     ["data.options.zoom", "data.name='digits'"]),
 ])
 def test_every_key_is_checked_against_the_config_before_any_trial(tmp_path, line, words):
     cfg = load_config("digits", QUICK[:1] if "triplet" not in line else [])

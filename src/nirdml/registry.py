@@ -8,7 +8,8 @@ that are ``None`` so that unset CLI/config options never override a factory's ow
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from nirdml.errors import ConfigError
@@ -43,6 +44,29 @@ class Registry:
             raise ConfigError(
                 f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}"
             ) from None
+
+    def check(self, name: Any, options: Mapping[str, Any] | None = None, *, key: str,
+              options_key: str | None = None, fixed: Iterable[str] = ()) -> None:
+        """Before any work: a one-line ConfigError unless ``name`` is registered (naming the
+        config ``key`` and the allowed values) and the factory's signature takes every key of
+        ``options`` (naming ``options_key`` and the keys it takes; ``fixed``: arguments the
+        builder passes itself, which options may not set). A factory with ``**kwargs`` takes
+        any option; its own checks see them when it is built."""
+        if not isinstance(name, str) or name.lower() not in self._factories:
+            raise ConfigError(f"invalid value for {key}: {name!r}; allowed values: "
+                              f"{', '.join(map(repr, self.names()))}")
+        if not options:
+            return
+        params = inspect.signature(self._factories[name.lower()]).parameters
+        if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            return
+        fixed = set(fixed)
+        takes = [n for n, p in params.items()
+                 if n not in fixed and p.kind not in (p.VAR_POSITIONAL, p.POSITIONAL_ONLY)]
+        unknown = sorted(str(k) for k in options if k not in takes)
+        if unknown:
+            raise ConfigError(f"invalid key {options_key or key}.{unknown[0]} for {key}="
+                              f"{name!r}; allowed keys there: {', '.join(takes) or 'none'}")
 
     def build(self, name: str, **kwargs: Any) -> Any:
         return self.get(name)(**{k: v for k, v in kwargs.items() if v is not None})

@@ -1,10 +1,10 @@
 """Non-isotropy Regularization: the conditional flow and the regulariser wrapping a proxy loss.
 
-``ConditionalGlowFlow`` is the conditional normalizing flow ``x -> z``; ``NIRLoss`` adds its NLL
-(of each L2-normalised embedding, conditioned on its class proxy) to any ``ProxyLoss``.
-The option names (``COND_MODES``, ``NIR_MODES``) come from the torch-free ``nirdml.nir.names``;
-the torch classes are imported on first access, so ``nirdml.nir.names`` can be imported (by the
-config module) without torch.
+``ConditionalGlowFlow`` (``flow``) is the conditional normalizing flow ``x -> z``, fed its
+condition by a ``conditioning`` module; ``NIRLoss`` (``regularizer``) wires it with a base
+distribution (``base``), a term (``terms``: one class per mode) and an input perturbation
+(``perturbation``) around any ``ProxyLoss``. Mechanism metrics: ``monitor``. The classes are
+imported on first access (``nirdml.nir`` itself imports no torch).
 """
 
 from __future__ import annotations
@@ -12,15 +12,15 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from nirdml.nir.names import COND_MODES, NIR_MODES
-
 if TYPE_CHECKING:
+    from nirdml.nir.conditioning import COND_MODES
     from nirdml.nir.flow import ConditionalGlowFlow
     from nirdml.nir.regularizer import NIRLoss
 
-__all__ = ["COND_MODES", "NIR_MODES", "ConditionalGlowFlow", "NIRLoss"]
+__all__ = ["COND_MODES", "ConditionalGlowFlow", "NIRLoss"]
 
-_LAZY = {"ConditionalGlowFlow": "nirdml.nir.flow", "NIRLoss": "nirdml.nir.regularizer"}
+_LAZY = {"ConditionalGlowFlow": "nirdml.nir.flow", "NIRLoss": "nirdml.nir.regularizer",
+         "COND_MODES": "nirdml.nir.conditioning"}
 
 
 def __getattr__(name: str):

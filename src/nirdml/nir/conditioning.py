@@ -9,8 +9,8 @@ with learnt networks, a "hyper network" in zuko's terms) and returns the conditi
 and its fused kernel (``nirdml.nir._fused``) only consume that part, whatever the mode.
 
 A new scheme is one subclass with a unique ``name``, registered with
-:func:`register_conditioning`; ``ConditionalGlowFlow(..., cond_mode=name)`` then uses it (to make
-it selectable from a config file, also add the name to ``nirdml.nir.names.COND_MODES``).
+:func:`register_conditioning`; ``ConditionalGlowFlow(..., cond_mode=name)`` then uses it (and
+it is also what ``loss.nir.cond_mode`` accepts, checked by ``Config.validate``).
 
 The flow keeps ``W_c`` (``cond_weight``) and ``b`` (``in_bias``) itself and registers the
 conditioning as its ``cond_nets`` submodule, so the state-dict keys are those of earlier
@@ -29,10 +29,9 @@ from torch import Tensor, nn
 
 from nirdml.errors import ConfigError
 from nirdml.nir._fused import DedupLinear, distinct_rows
-from nirdml.nir.names import COND_MODES
 
 __all__ = [
-    "CONDITIONINGS", "Conditioning", "DenseConditioning", "DenseEmbedConditioning",
+    "COND_MODES", "CONDITIONINGS", "Conditioning", "DenseConditioning", "DenseEmbedConditioning",
     "DenseEmbedMultiConditioning", "EndConditioning", "MidConditioning", "StartConditioning",
     "conditioning_class", "register_conditioning",
 ]
@@ -240,7 +239,5 @@ class EndConditioning(_SingleBlockConditioning):
         return num_blocks - 1
 
 
-_missing = [name for name in COND_MODES if name not in CONDITIONINGS]
-if _missing:  # nirdml.nir.names and the registry must agree
-    raise ImportError(f"no Conditioning class registered for cond_mode(s) {_missing}")
-del _missing
+#: The built-in conditioning modes, in registration order.
+COND_MODES = tuple(CONDITIONINGS)

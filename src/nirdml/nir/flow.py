@@ -51,8 +51,8 @@ from torch import Tensor, nn
 
 from nirdml.errors import ConfigError, InputError
 from nirdml.nir._fused import ATAN_SCALE, FusedFlow, Plan, WorkspacePool
-from nirdml.nir.conditioning import Conditioning, conditioning_class
-from nirdml.nir.names import COND_MODES
+from nirdml.nir.base import standard_normal_nll
+from nirdml.nir.conditioning import COND_MODES, Conditioning, conditioning_class
 
 __all__ = ["COND_MODES", "ConditionalGlowFlow", "block_permutation"]
 
@@ -73,6 +73,11 @@ def _linear_init_(weight: Tensor, bias: Tensor | None) -> None:
         nn.init.uniform_(bias, -bound, bound)
 
 
+def soft_clamp(u: Tensor, clamp: float) -> Tensor:
+    """FrEIA's "ATAN" soft clamp of the log-scales: ``clamp * 0.636 * atan(u)``."""
+    return clamp * (ATAN_SCALE * torch.atan(u))
+
+
 def block_permutation(dim: int, seed: int) -> np.ndarray:
     """The permutation of block ``seed``: ``RandomState(seed).permutation(dim)`` (global numpy
     RNG untouched; identical to what FrEIA's ``PermuteRandom(seed=seed)`` draws)."""
@@ -91,10 +96,12 @@ def _check_sizes(dim, cond_dim, num_blocks, subnet_depth, subnet_width, clamp) -
         "subnet_width": (subnet_width, 1),
     }
     for name, (value, low) in checks.items():
-        if int(value) < low:
-            raise ConfigError(f"{name} must be >= {low}, got {value}")
+        if isinstance(value, bool) or int(value) != value or int(value) < low:
+            raise ConfigError(f"invalid value for loss.nir.{name}: {value!r}; must be an "
+                              f"integer >= {low}")
     if not (math.isfinite(clamp) and clamp > 0):
-        raise ConfigError(f"clamp must be a finite number > 0, got {clamp}")
+        raise ConfigError(f"invalid value for loss.nir.clamp: {clamp}; must be a finite "
+                          f"number > 0")
     return cond_dim
 
 
@@ -287,8 +294,19 @@ class ConditionalGlowFlow(nn.Module):
             for w, b in zip(self.w_hidden, self.b_hidden)
         ]
 
-    def _soft_clamp(self, u: Tensor) -> Tensor:
-        return self.clamp * (ATAN_SCALE * torch.atan(u))
+    def _coupling(self, s: int, given: Tensor, active: Tensor, cpart: Tensor, hidden,
+                  inverse: bool = False) -> tuple[Tensor, Tensor]:
+        """One affine coupling, the only place the plain path writes its maths: subnet ``s``
+        reads ``given`` and returns ``[raw, t]``; ``log_s = clamp * 0.636 * atan(raw)``;
+        forward ``active -> exp(log_s) * active + t``, inverse ``(active - t) * exp(-log_s)``.
+        Returns ``(transformed, log_s)``. (The fused kernel computes the same forward in place
+        and its derivative by hand; tests check it against this path.)"""
+        out = self._subnet(s, given, cpart, hidden)
+        n = active.shape[1]
+        log_s = soft_clamp(out[:, :n], self.clamp)
+        if inverse:
+            return (active - out[:, n:]) * torch.exp(-log_s), log_s
+        return torch.exp(log_s) * active + out[:, n:], log_s
 
     def _forward_plain(self, x: Tensor, cpart: Tensor) -> tuple[Tensor, Tensor]:
         l1 = self.split[0]
@@ -298,12 +316,8 @@ class ConditionalGlowFlow(nn.Module):
         for k in range(self.num_blocks):
             h = h.index_select(1, self.perms[k])
             x1, x2 = h[:, :l1], h[:, l1:]
-            a = self._subnet(2 * k, x2, cpart, hidden)
-            s2 = self._soft_clamp(a[:, :l1])
-            y1 = torch.exp(s2) * x1 + a[:, l1:]
-            b = self._subnet(2 * k + 1, y1, cpart, hidden)
-            s1 = self._soft_clamp(b[:, :self.split[1]])
-            y2 = torch.exp(s1) * x2 + b[:, self.split[1]:]
+            y1, s2 = self._coupling(2 * k, x2, x1, cpart, hidden)
+            y2, s1 = self._coupling(2 * k + 1, y1, x2, cpart, hidden)
             log_det = log_det + s2.sum(1) + s1.sum(1)
             h = torch.cat([y1, y2], dim=1)
         return h, log_det
@@ -330,7 +344,7 @@ class ConditionalGlowFlow(nn.Module):
         """``z -> x`` (the paper's tau). With ``return_log_det`` also log |det dx/dz| (B,),
         which is minus the forward log-det at that x."""
         z, cond = self._prepare(z, cond, name="z")
-        l1, l2 = self.split
+        l1 = self.split[0]
         with _autocast_off(z.device):
             cpart = self._cond_part(cond)
             hidden = self._hidden_layers()
@@ -338,12 +352,8 @@ class ConditionalGlowFlow(nn.Module):
             h = z
             for k in range(self.num_blocks - 1, -1, -1):
                 y1, y2 = h[:, :l1], h[:, l1:]
-                b = self._subnet(2 * k + 1, y1, cpart, hidden)
-                s1 = self._soft_clamp(b[:, :l2])
-                x2 = (y2 - b[:, l2:]) * torch.exp(-s1)
-                a = self._subnet(2 * k, x2, cpart, hidden)
-                s2 = self._soft_clamp(a[:, :l1])
-                x1 = (y1 - a[:, l1:]) * torch.exp(-s2)
+                x2, s1 = self._coupling(2 * k + 1, y1, y2, cpart, hidden, inverse=True)
+                x1, s2 = self._coupling(2 * k, x2, y1, cpart, hidden, inverse=True)
                 log_det = log_det - s1.sum(1) - s2.sum(1)
                 h = torch.cat([x1, x2], dim=1).index_select(1, self.inv_perms[k])
         return (h, log_det) if return_log_det else h
@@ -351,8 +361,7 @@ class ConditionalGlowFlow(nn.Module):
     def nll(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
         """Per-sample ``0.5 ||z||^2 - log_det`` (B,): the NLL without the constant
         ``0.5 * D * log(2 pi)``, as in the paper."""
-        z, log_det = self(x, cond)
-        return 0.5 * z.square().sum(1) - log_det
+        return standard_normal_nll(*self(x, cond))
 
     def log_prob(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
         """Per-sample log-density of x (B,) under the flow with a standard-normal base."""

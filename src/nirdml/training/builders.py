@@ -146,11 +146,13 @@ def build_criterion(cfg: Config, num_classes: int) -> nn.Module:
                       embedding_dim=cfg.model.embedding_dim, **kwargs)
     if not cfg.loss.nir.enabled:
         return base
-    from nirdml.nir import NIRLoss
+    from nirdml.nir.regularizer import NIRLoss, other_term_options
 
     options = dataclasses.asdict(cfg.loss.nir)
     del options["enabled"]
-    return NIRLoss(base, **options)
+    for key in other_term_options(options["mode"]):  # left at their defaults (Config.validate)
+        options.pop(key, None)
+    return NIRLoss.from_options(base, **options)
 
 
 def build_optimizer(cfg: Config, model: nn.Module, criterion: nn.Module) -> torch.optim.Optimizer:

@@ -19,7 +19,6 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from nirdml.errors import ConfigError
-from nirdml.nir.names import BASE_SCALES, COND_MODES, NIR_MODES, NOISE_KINDS
 
 
 @dataclass
@@ -75,18 +74,20 @@ class ModelConfig:
 class NIRConfig:
     """The Non-isotropy regulariser and its conditional flow (``nirdml.nir.NIRLoss``).
 
-    Every key but ``enabled`` is an argument of ``NIRLoss`` (or of its flow) of the same name;
-    ``docs/nir_variants.md`` explains the variants (``mode``, ``per_dim``, ``noise``,
-    ``base_scale``, ``warmup_epochs``, ``negatives``, ``nll_weight``).
+    Every key but ``enabled`` is an option of ``NIRLoss.from_options`` of the same name: of
+    the term (``mode``, a registered name of ``nirdml.nir.terms.NIR_TERMS``, with ``weight``,
+    ``per_dim`` and the disc term's ``negatives``, ``nll_weight``), the base distribution
+    (``base_scale``), the input perturbation (``noise``, ``noise_kind``), the flow (its sizes
+    and ``cond_mode``) or NIRLoss itself. ``docs/nir_variants.md`` explains the variants.
     """
 
     enabled: bool = True
     weight: float = 0.0075
-    mode: Literal[NIR_MODES] = "release"
+    mode: str = "release"
     per_dim: bool = False
     noise: float = 0.0
-    noise_kind: Literal[NOISE_KINDS] = "gaussian"
-    base_scale: Literal[BASE_SCALES] = "standard"
+    noise_kind: str = "gaussian"
+    base_scale: str = "standard"
     warmup_epochs: int = 0
     negatives: int = 1
     nll_weight: float = 0.0
@@ -96,7 +97,7 @@ class NIRConfig:
     subnet_depth: int = 8
     subnet_width: int = 128
     clamp: float = 2.0
-    cond_mode: Literal[COND_MODES] = "dense"
+    cond_mode: str = "dense"
 
 
 @dataclass
@@ -227,19 +228,24 @@ class Config:
 
     # ---- validation ---------------------------------------------------------------------
     def validate(self) -> None:
-        """Check value ranges that types alone cannot express (ConfigError naming the key)."""
+        """Every check of the settings, before any work (run by every construction): value
+        ranges that types alone cannot express, then each registered name and its options
+        against the registries and the factories' signatures, the metrics, and a dry build of
+        the objective (``nirdml.training.checks``). A one-line ConfigError naming the key."""
         for ok, key, allowed in self._range_checks():
             if not ok:
                 raise ConfigError(f"invalid value for {key}: must be {allowed}")
         if self.optim.scheduler == "multistep" and not self.optim.milestones:
             raise ConfigError("optim.milestones must list epochs when optim.scheduler=multistep")
-        self._check_loss()
         if self.data.folds == 1 or self.data.folds < 0:
             raise ConfigError("invalid value for data.folds: must be 0 (no cross-validation: "
                               "data.val_fraction holds out the validation classes) or >= 2")
         if self.data.folds and not 0 <= self.data.fold < self.data.folds:
             raise ConfigError(f"invalid value for data.fold: must be in [0, data.folds="
                               f"{self.data.folds}), got {self.data.fold}")
+        from nirdml.training import checks  # late: the registries import torch
+
+        checks.check_components(self)
 
     def _range_checks(self) -> list[tuple[bool, str, str]]:
         """``(holds, key, what the key must be)`` for every single-value range rule."""
@@ -255,13 +261,6 @@ class Config:
             (0.0 <= self.data.val_fraction < 1.0, "data.val_fraction", "in [0, 1)"),
             (self.data.num_workers >= 0, "data.num_workers", ">= 0"),
             (self.model.embedding_dim >= 2, "model.embedding_dim", ">= 2"),
-            (self.loss.nir.weight >= 0, "loss.nir.weight", ">= 0"),
-            (self.loss.nir.noise >= 0, "loss.nir.noise",
-             ">= 0 (the noise scale; 0 turns input noise off)"),
-            (self.loss.nir.nll_weight >= 0, "loss.nir.nll_weight", ">= 0"),
-            (self.loss.nir.negatives >= 1, "loss.nir.negatives", "an integer >= 1"),
-            (self.loss.nir.flow_lr_multiplier >= 0, "loss.nir.flow_lr_multiplier", ">= 0"),
-            (self.loss.nir.warmup_epochs >= 0, "loss.nir.warmup_epochs", ">= 0"),
             (self.optim.lr > 0, "optim.lr", "> 0"),
             (self.optim.weight_decay >= 0, "optim.weight_decay", ">= 0"),
             (self.optim.warmup_epochs >= 0, "optim.warmup_epochs", ">= 0"),
@@ -285,27 +284,6 @@ class Config:
                 "off (use loss.nir.enabled=false for that)",
             ),
         ]
-
-    def _check_loss(self) -> None:
-        """The loss is registered, and a loss without proxies has neither NIR nor a proxy lr."""
-        from nirdml.losses import LOSSES, PROXY_LOSSES  # late: keeps config importable alone
-
-        if self.loss.name not in LOSSES:
-            raise ConfigError(
-                f"invalid value for loss.name: {self.loss.name!r}; "
-                f"allowed: {', '.join(LOSSES.names())}"
-            )
-        if self.loss.name not in PROXY_LOSSES:
-            if self.loss.nir.enabled:
-                raise ConfigError(
-                    f"loss.nir.enabled=true needs class proxies to condition NIR's flow on, but "
-                    f"loss.name={self.loss.name!r} is a pair-based loss without proxies; use a "
-                    f"proxy loss ({', '.join(PROXY_LOSSES)}) or set loss.nir.enabled=false")
-            if self.loss.proxy_lr_multiplier is not None:
-                raise ConfigError(
-                    f"loss.proxy_lr_multiplier={self.loss.proxy_lr_multiplier:g} applies to "
-                    f"proxy losses, but loss.name={self.loss.name!r} has no proxies; set "
-                    f"loss.proxy_lr_multiplier=null")
 
 
 #: a config or search-space file is a few KiB: a bigger file is not one
