@@ -133,7 +133,7 @@ def _timed(summary: dict, arm: str, wall_s: float | None) -> dict:
 
 def run_arm(arm: str, seed: int, args: argparse.Namespace) -> dict:
     """One cross-validation (resumable) of ``arm`` with ``seed``: its crossval summary."""
-    from nirdml.crossval import crossval, print_log
+    from nirdml.selection.crossval import crossval, print_log
 
     cfg, out = arm_config(arm, seed, args)
 
@@ -147,7 +147,7 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace) -> dict:
 def report(tasks: list[tuple[str, int]], args: argparse.Namespace) -> int:
     """``--report``: the tables from the cross-validations finished under ``--out`` (read
     back, nothing trained or evaluated); the unfinished ones are listed."""
-    from nirdml.crossval import finished_summary
+    from nirdml.selection.crossval import finished_summary
 
     if not (args.out / "runs").is_dir():
         print(f"--report: no runs under {args.out} (its runs/ folder is missing); pass the "

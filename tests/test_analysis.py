@@ -325,7 +325,7 @@ def test_analyze_checkpoint_path_with_stand_ins(tmp_path, monkeypatch):
     the model, data and criterion replaced by small stand-ins."""
     torch = pytest.importorskip("torch")
     import nirdml.data
-    from nirdml.run import TrainedRun
+    from nirdml.inference import TrainedRun
     from nirdml.training import builders
     from nirdml.training.config import load_config
 

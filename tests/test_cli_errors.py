@@ -24,7 +24,7 @@ def test_unwritable_outputs_are_refused_before_any_work(checkpoint, readonly, tm
     if os.geteuid() == 0:  # root writes anywhere: block the folder with a file instead
         readonly = tmp_path / "a-file"
         readonly.write_text("not a folder")
-    from nirdml.run import TrainedRun
+    from nirdml.inference import TrainedRun
 
     monkeypatch.setattr(TrainedRun, "open",
                         lambda *a, **k: pytest.fail("opened the checkpoint before checking --out"))

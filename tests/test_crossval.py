@@ -115,7 +115,7 @@ def test_fold_options_are_checked(tmp_path, cache):
 @pytest.mark.slow
 def test_crossval_completes_resumes_after_an_interruption_and_reuses_finished_folds(
         tmp_path, cache, monkeypatch, capsys):
-    from nirdml.crossval import fold_config, selected_validation, train_run
+    from nirdml.selection.crossval import fold_config, selected_validation, train_run
     from nirdml.training.config import load_config
     from nirdml.training.run_dir import RunDir
     from nirdml.training.trainer import Interrupted, Trainer

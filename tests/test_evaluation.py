@@ -434,6 +434,62 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         load_npz(path)
 
 
+def test_one_rule_for_masks_and_labels_in_evaluate_embeddings_and_analysis():
+    """``nirdml.embeddings``' checks, shared: masks are booleans or 0/1 numbers of one entry
+    per row; a query or gallery set that selects nothing is refused where it is used; labels
+    are integer class ids (whole floats and an (N, 1) column accepted)."""
+    from nirdml.analysis import structure_report
+    from nirdml.embeddings import Embeddings
+
+    x, y = make_data(21)
+    q, g = masks(len(y), 22, overlap=True)
+    as_bool = evaluate(x, y, metrics=["recall@1", "map@r"], query_mask=q, gallery_mask=g)
+    as_int = evaluate(x, y, metrics=["recall@1", "map@r"], query_mask=q.astype(np.int8),
+                      gallery_mask=g.astype(np.int64))
+    assert as_int == as_bool
+    as_float = evaluate(x, y, metrics=["recall@1", "map@r"], query_mask=q.astype(np.float32),
+                        gallery_mask=g.astype(float))
+    assert as_float == as_bool
+    stored = Embeddings(x, y, q.astype(np.uint8), g.astype(int))
+    assert stored.is_query.dtype == bool and (stored.is_query == q).all()
+
+    bad_masks = {"other int64 values": np.where(q, 2, 0), "other float64 values": q * 0.5,
+                 "<U1 values": np.where(q, "y", "n"),
+                 "entries but embeddings has": q[:-1], "1-D": np.stack([q, q], axis=1)}
+    for message, bad in bad_masks.items():
+        with pytest.raises(InputError, match=f"gallery_mask .*{message}"):
+            evaluate(x, y, query_mask=q, gallery_mask=bad)
+        with pytest.raises(InputError, match=f"is_gallery .*{message}"):
+            Embeddings(x, y, q, bad)
+
+    nothing = np.zeros(len(y), bool)
+    with pytest.raises(InputError, match="gallery_mask selects no samples: the gallery set"):
+        evaluate(x, y, gallery_mask=nothing)
+    with pytest.raises(InputError, match="query_mask selects no samples: the query set"):
+        evaluate(x, y, query_mask=nothing.astype(int))
+    shard = Embeddings(x, y, nothing, ~nothing)  # a container may hold an empty query set
+    with pytest.raises(InputError, match="query_mask selects no samples"):
+        evaluate(shard.embeddings, shard.labels, query_mask=shard.is_query)
+
+    column = y[:, None]
+    assert evaluate(x, column, metrics=["recall@1"]) == evaluate(x, y, metrics=["recall@1"])
+    assert Embeddings(x, column).labels.shape == y.shape
+    assert structure_report(x, column) == structure_report(x, y)
+    assert evaluate(x, y.astype(float), metrics=["recall@1"]) == evaluate(x, y,
+                                                                          metrics=["recall@1"])
+    halves = y + 0.5
+    for check in (lambda: evaluate(x, halves), lambda: Embeddings(x, halves),
+                  lambda: structure_report(x, halves)):
+        with pytest.raises(InputError, match=r"labels must be integer class ids \(found "
+                                             r"non-integer floats\)"):
+            check()
+    for check in (lambda: evaluate(x, y[:-1]), lambda: Embeddings(x, y[:-1]),
+                  lambda: structure_report(x, y[:-1])):
+        with pytest.raises(InputError, match=f"labels has {len(y) - 1} entries but embeddings "
+                                             f"has {len(y)} rows"):
+            check()
+
+
 def test_all_lone_queries_warn_and_give_nan():
     x = np.random.default_rng(16).standard_normal((10, 4))
     with pytest.warns(LoneQueryWarning):

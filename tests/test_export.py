@@ -9,7 +9,7 @@ import torch
 from nirdml.cli import main
 from nirdml.errors import CheckpointError, ConfigError
 from nirdml.export import export_model, read_export_metadata, run_exported
-from nirdml.retrieval import model_fingerprint
+from nirdml.models.fingerprint import model_fingerprint
 
 
 def make_checkpoint(path, image_size=32):
@@ -39,7 +39,7 @@ def checkpoint(tmp_path_factory):
 
 
 def reference(checkpoint, x):
-    from nirdml.run import TrainedRun
+    from nirdml.inference import TrainedRun
 
     model = TrainedRun.open(checkpoint, device="cpu").model
     with torch.no_grad():

@@ -64,7 +64,7 @@ def test_cache_key_changes_with_weights_transform_data_and_description():
 
 @pytest.mark.slow
 def test_frozen_backbone_run_trains_the_head_only_and_embeds_images(tmp_path):
-    from nirdml.run import TrainedRun
+    from nirdml.inference import TrainedRun
     from nirdml.training import Trainer
     from nirdml.training.config import load_config
 

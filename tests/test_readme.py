@@ -1,11 +1,15 @@
-"""Every shell and Python block of the README runs, as written, so the front door cannot rot.
+"""Every shell and Python block of the README and of docs/results.md runs, as written, so the
+front door and the results page cannot rot.
 
-Blocks are taken from README.md in order. A block preceded by ``<!-- readme-test: skip: WHY
--->`` is not run (only the install lines, which CI itself runs through ``.ci/run``, and
-commands that need data or hardware a test cannot have); every other ``bash``/``python`` block
-runs in one scratch folder shared by all blocks (so a later block can use an earlier block's
-run), with the package's ``nirdml`` on PATH and ``$OMNIGLOT`` pointing at a small synthetic
-Omniglot in the official npz format.
+Blocks are taken from README.md, then from docs/results.md, each in order. A block preceded by
+``<!-- readme-test: skip: WHY -->`` is not run (only the install lines, which CI itself runs
+through ``.ci/run``, and commands that need data, hardware or hours a test cannot have); every
+other ``bash``/``python`` block runs in one scratch folder shared by all blocks of both files (so
+a later block can use an earlier block's run; the results page's blocks run after the README's),
+with the package's ``nirdml`` on PATH and ``$OMNIGLOT`` pointing at a small synthetic Omniglot in
+the official npz format. The relative links of both files (the README points into the results
+page for everything that moved there) must name a file that exists and, with ``#anchor``, one of
+its headings.
 """
 
 from __future__ import annotations
@@ -24,15 +28,34 @@ FENCE = re.compile(r"(?P<marker><!-- readme-test: (?P<directive>[^>]*?) -->\s*\n
                    r"```(?P<lang>bash|python)\n(?P<code>.*?)```", re.S)
 
 
-def readme_blocks() -> list[tuple[str, str, str | None]]:
-    """``(language, code, skip reason or None)`` of every bash/python block of README.md."""
-    text = (ROOT / "README.md").read_text()
+DOCS = ("README.md", "docs/results.md")   # run in this order, in one scratch folder
+LINK = re.compile(r"!?\[[^\]]*\]\((?P<target>[^)\s]+)\)")
+
+
+def doc_blocks(name: str) -> list[tuple[str, str, str | None]]:
+    """``(language, code, skip reason or None)`` of every bash/python block of one file."""
+    text = (ROOT / name).read_text()
     blocks = []
     for m in FENCE.finditer(text):
         directive = (m.group("directive") or "").strip()
         skip = directive.split(":", 1)[1].strip() if directive.startswith("skip") else None
         blocks.append((m.group("lang"), m.group("code"), skip))
     return blocks
+
+
+def readme_blocks() -> list[tuple[str, str, str | None]]:
+    """The blocks of README.md."""
+    return doc_blocks("README.md")
+
+
+def all_blocks() -> list[tuple[str, str, str, str | None]]:
+    """``(file, language, code, skip)`` of every block of README.md, then docs/results.md."""
+    return [(name, *block) for name in DOCS for block in doc_blocks(name)]
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
 def _synthetic_omniglot(root: Path) -> None:
@@ -51,13 +74,35 @@ def _synthetic_omniglot(root: Path) -> None:
 
 
 def test_every_block_is_run_or_says_why_not():
-    blocks = readme_blocks()
+    for name in DOCS:
+        assert doc_blocks(name), f"{name} has no bash/python block"
+    blocks = all_blocks()
     assert len(blocks) >= 5
-    for _lang, code, skip in blocks:
+    for name, _lang, code, skip in blocks:
         if skip is not None:
-            assert len(skip) > 10, f"a skipped README block must say why: {code[:80]!r}"
-    run = [b for b in blocks if b[2] is None]
-    assert any(lang == "python" for lang, _, _ in run) and any(lang == "bash" for lang, _, _ in run)
+            assert len(skip) > 10, f"a skipped block of {name} must say why: {code[:80]!r}"
+    run = [b for b in blocks if b[3] is None]
+    assert any(lang == "python" for _, lang, _, _ in run)
+    assert any(lang == "bash" for _, lang, _, _ in run)
+    for name in DOCS:   # each file has a block that runs
+        assert any(b[0] == name for b in run), f"no block of {name} runs"
+
+
+def test_relative_links_resolve():
+    for name in DOCS:
+        source = ROOT / name
+        text = FENCE.sub("", source.read_text())
+        for m in LINK.finditer(text):
+            target = m.group("target")
+            if re.match(r"[a-z]+:", target):
+                continue   # an absolute URL
+            path, _, anchor = target.partition("#")
+            file = (source.parent / path).resolve() if path else source
+            assert file.is_file(), f"{name}: link to a missing file: {target}"
+            if anchor and file.suffix == ".md":
+                headings = re.findall(r"^#+ (.+)$", file.read_text(), re.M)
+                assert anchor in {_anchor(h) for h in headings}, (
+                    f"{name}: link to a missing heading: {target}")
 
 
 @pytest.mark.slow
@@ -71,7 +116,7 @@ def test_readme_blocks_run_as_written(tmp_path):
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
            "OMNIGLOT": str(data), "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg",
            "NIRDML_CACHE": str(tmp_path / "cache")}
-    for i, (lang, code, skip) in enumerate(readme_blocks()):
+    for i, (name, lang, code, skip) in enumerate(all_blocks()):
         if skip is not None:
             continue
         if lang == "bash":
@@ -81,5 +126,5 @@ def test_readme_blocks_run_as_written(tmp_path):
         res = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True,
                              timeout=600)
         assert res.returncode == 0, (
-            f"README block {i} ({lang}) failed:\n{code}\n--- stdout\n{res.stdout[-3000:]}\n"
+            f"{name} block {i} ({lang}) failed:\n{code}\n--- stdout\n{res.stdout[-3000:]}\n"
             f"--- stderr\n{res.stderr[-3000:]}")

@@ -12,12 +12,12 @@ import torch
 from conftest import save_untrained_digits_checkpoint
 from nirdml.cli import main
 from nirdml.errors import CheckpointError, ConfigError, InputError
+from nirdml.models.fingerprint import model_fingerprint
 from nirdml.retrieval import (
     GalleryIndex,
     IndexSpec,
     Retriever,
     build_index,
-    model_fingerprint,
     read_embeddings_npz,
     search_index,
 )
@@ -84,7 +84,7 @@ def test_fingerprint_tracks_weights_and_dim():
     with torch.no_grad():
         b.head.bias[0] += 1e-6
     assert model_fingerprint(a) != model_fingerprint(b)
-    from nirdml.retrieval import state_dict_fingerprint
+    from nirdml.models.fingerprint import state_dict_fingerprint
 
     assert state_dict_fingerprint(a.state_dict(), 16) != state_dict_fingerprint(a.state_dict(), 8)
 
@@ -344,7 +344,7 @@ def test_omniglot_png_queries_get_the_training_polarity(tmp_path):
 
     from PIL import Image
 
-    from nirdml.retrieval.retriever import UnusualQueryWarning
+    from nirdml.inference import UnusualQueryWarning
     from nirdml.training import Trainer, load_checkpoint
     from nirdml.training.config import load_config
 

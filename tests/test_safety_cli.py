@@ -25,7 +25,7 @@ def no_work(monkeypatch):
     """Fail the test if a command opens a checkpoint or reads its input: every check under
     test must come first."""
     from nirdml.analysis import pipeline
-    from nirdml.run import TrainedRun
+    from nirdml.inference import TrainedRun
 
     def refuse(*args, **kwargs):
         pytest.fail("the command started its work before checking its options")
@@ -657,7 +657,7 @@ def test_fuzz_search_space_reader(tmp_path):
     nirdml error or a valid space."""
     import yaml
 
-    from nirdml.search_space import Param, load_space, validate_space
+    from nirdml.selection.search_space import Param, load_space, validate_space
     from nirdml.training.config import load_config
 
     cfg = load_config("digits")

@@ -30,7 +30,8 @@ from PIL import Image
 
 from nirdml.cli import main
 from nirdml.data import load_splits
-from nirdml.data.images import list_image_folder, load_image
+from nirdml.data.image_files import scan_class_folders
+from nirdml.data.images import load_image
 from nirdml.data.scan import check_image, scan_splits
 from nirdml.errors import ConfigError, DatasetError, InputError, NirdmlError
 from nirdml.retrieval import GalleryIndex, Retriever
@@ -131,13 +132,12 @@ def nested_tree(root: Path) -> dict[str, list[str]]:
 
 # ---- 1. one class-folder rule --------------------------------------------------------------
 def test_class_is_the_first_folder_level_in_gallery_and_datasets(tmp_path):
-    from nirdml.data.image_files import scan_class_folders
-
     expected = nested_tree(tmp_path / "G")
     paths = expected["cat"] + expected["dog"]
     labels = [0, 0, 0, 1, 1]
     assert scan_class_folders(tmp_path / "G") == (paths, ["cat", "dog"], labels)
-    assert list_image_folder(tmp_path / "G") == (paths, ["cat", "dog"], labels)  # the gallery
+    gallery = scan_class_folders(tmp_path / "G", what="gallery", error=InputError)  # a gallery
+    assert gallery == (paths, ["cat", "dog"], labels)
 
     # the folder dataset: a seeded class split and train_root/test_root read it the same way
     splits = load_splits("folder", root=tmp_path / "G", val_fraction=0.0)
@@ -176,15 +176,15 @@ def test_images_directly_in_the_root_are_refused(tmp_path):
     write_png(tmp_path / "G" / "dog" / "b.png")
     write_png(tmp_path / "G" / "loose.png")
     with pytest.raises(InputError, match="outside any class folder") as info:
-        list_image_folder(tmp_path / "G")
+        scan_class_folders(tmp_path / "G", what="gallery", error=InputError)
     assert "\n" not in str(info.value) and "loose.png" in str(info.value)
     with pytest.raises(DatasetError, match="outside any class folder"):
         load_splits("folder", root=tmp_path / "G")
     with pytest.raises(InputError, match="does not exist or is not a folder"):
-        list_image_folder(tmp_path / "nothing")
+        scan_class_folders(tmp_path / "nothing", what="gallery", error=InputError)
     (tmp_path / "E" / "empty_class").mkdir(parents=True)
     with pytest.raises(InputError, match="no image files"):
-        list_image_folder(tmp_path / "E")
+        scan_class_folders(tmp_path / "E", what="gallery", error=InputError)
 
 
 # ---- 2. the pixel limit --------------------------------------------------------------------

@@ -80,8 +80,8 @@ def test_a_format1_checkpoint_is_never_unpickled_by_any_reader(tmp_path, checkpo
     run = _run_folder(tmp_path / "run", evil)
     _run_folder(tmp_path / "report_run", evil, "best.pt")
     cv = tmp_path / "cv"
-    from nirdml.crossval import fold_config
     from nirdml.owned import claim_folder
+    from nirdml.selection.crossval import fold_config
     from nirdml.training.config import load_config
 
     claim_folder(cv, "crossval")
@@ -122,16 +122,16 @@ def test_a_format1_checkpoint_is_never_unpickled_by_any_reader(tmp_path, checkpo
 
 def test_tune_refuses_a_format1_checkpoint_in_a_trial_folder(tmp_path, capsys):
     pytest.importorskip("optuna")
-    from nirdml.search_space import params_hash
+    from nirdml.selection.search_space import params_hash
 
     flag = tmp_path / "code-ran"
     evil = format1_bytes({"format_version": 1, "x": _RunsCode(flag)})
     space = tmp_path / "space.yaml"
     space.write_text("optim.lr: {type: categorical, choices: [0.001]}\n")
     out = tmp_path / "tune"
-    from nirdml.crossval import fold_config
     from nirdml.owned import claim_folder
-    from nirdml.search_space import apply_params
+    from nirdml.selection.crossval import fold_config
+    from nirdml.selection.search_space import apply_params
     from nirdml.training.config import load_config
 
     trial = apply_params(load_config("digits", ["train.epochs=1"]), {"optim.lr": 0.001})

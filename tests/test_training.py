@@ -125,7 +125,7 @@ def test_select_on_test_is_labelled(tmp_path):
 def test_evaluate_and_embed_from_checkpoint(tmp_path, capsys):
     import numpy as np
 
-    from nirdml.run import TrainedRun
+    from nirdml.inference import TrainedRun
 
     Trainer(_cfg("train.epochs=1"), tmp_path / "r").fit()
     ck = tmp_path / "r/checkpoints/best.pt"

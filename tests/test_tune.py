@@ -10,7 +10,7 @@ import pytest
 
 from nirdml.cli import main
 from nirdml.errors import ConfigError
-from nirdml.search_space import apply_params, load_space, parse_param, validate_space
+from nirdml.selection.search_space import apply_params, load_space, parse_param, validate_space
 from nirdml.training.config import load_config
 
 # digits, quick: 2 folds of its 5 training classes, 1 epoch, no NIR
@@ -106,7 +106,7 @@ def test_missing_optuna_is_a_one_line_error(tmp_path, monkeypatch, capsys):
 def test_tune_survives_an_interruption_and_its_best_config_reproduces_its_score(
         tmp_path, monkeypatch, capsys):
     optuna = pytest.importorskip("optuna")
-    from nirdml.crossval import crossval
+    from nirdml.selection.crossval import crossval
     from nirdml.training.trainer import Interrupted, Trainer
 
     monkeypatch.setenv("NIRDML_CACHE", str(tmp_path / "cache"))
@@ -171,7 +171,7 @@ def test_tune_survives_an_interruption_and_its_best_config_reproduces_its_score(
 
 def test_stopped_trials_are_retried_once_and_failed_ones_not():
     optuna = pytest.importorskip("optuna")
-    from nirdml.tune import retry_stopped_trials
+    from nirdml.selection.tune import retry_stopped_trials
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = optuna.create_study(direction="maximize")

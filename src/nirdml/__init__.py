@@ -4,25 +4,22 @@ The package is laid out along the pipeline::
 
     data -> models -> losses (+ nir regulariser) -> training -> evaluation -> retrieval
 
-and around it: ``run`` (a trained checkpoint and what follows from it), ``analysis`` (structure
-diagnostics), ``export`` (ONNX / TorchScript) and ``reports`` (the HTML run report).
+and around it: ``inference`` (a trained checkpoint and the embeddings it gives), ``selection``
+(cross-validation and hyperparameter search), ``analysis`` (structure diagnostics), ``export``
+(ONNX / TorchScript) and ``reports`` (the HTML run report).
 
 Sub-packages are imported lazily so that ``import nirdml`` stays cheap.
 """
 
 from __future__ import annotations
 
-import importlib
+from nirdml.lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
 _SUBMODULES = (
-    "analysis", "data", "evaluation", "export", "losses", "models", "nir", "reports", "retrieval",
-    "run", "training",
+    "analysis", "data", "evaluation", "export", "inference", "losses", "models", "nir", "reports",
+    "retrieval", "selection", "training",
 )
 
-
-def __getattr__(name: str):
-    if name in _SUBMODULES:
-        return importlib.import_module(f"nirdml.{name}")
-    raise AttributeError(f"module 'nirdml' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_attributes(__name__, {}, _SUBMODULES)

@@ -1,5 +1,8 @@
-"""Embeddings: the container every step after training passes around, its file, and one rule
-for L2 normalisation.
+"""Embeddings: the container every step after training passes around, its file, and the rules
+for the arrays that go with it (L2 normalisation, labels, query/gallery masks).
+
+A shared leaf module: it imports only ``nirdml.errors`` (and, to save a file, ``nirdml.files``),
+so data, training, evaluation and everything above can use it.
 
 * :class:`Embeddings`: ``embeddings`` (N, D), ``labels`` (N,) and optional ``paths``,
   ``is_query`` / ``is_gallery`` (In-Shop style), validated on construction; ``save`` writes
@@ -15,7 +18,15 @@ for L2 normalisation.
   float rounding (rows equal but for float32 rounding differ by ~1e-7 there; any two rows
   within the tolerance have a cosine above 1 - 2e-10, which float32 scores cannot tell from 1,
   so neighbour order would be mere tie order).
-* :func:`embed_dataset`: a model's embeddings of every sample of a dataset, in order.
+* :func:`check_labels`, :func:`check_mask`, :func:`check_selection`: **the rules** for the
+  arrays that go with embeddings, shared by :class:`Embeddings`, ``evaluate`` and ``analyze``:
+  labels are one integer class id per row (integral floats and an ``(N, 1)`` column are
+  accepted); a query or gallery mask is boolean or 0/1 numbers, one entry per row; a query or
+  gallery *set* (``check_selection``, where one is used: ``evaluate``) must select at least one
+  sample. The container itself may hold an all-False mask (an empty shard, a split with no
+  queries), since nothing is selected from it yet.
+
+``nirdml.inference.embed_dataset`` makes an :class:`Embeddings` from a model and a dataset.
 """
 
 from __future__ import annotations
@@ -33,7 +44,9 @@ import numpy as np
 from nirdml.errors import InputError
 
 
-def _numpy(x, what: str) -> np.ndarray:
+def to_numpy(x, what: str) -> np.ndarray:
+    """``x`` (a numpy array, a torch tensor on any device, a list) as a numpy array; floating
+    tensors as float32. InputError naming ``what`` when it is None."""
     if x is None:
         raise InputError(f"{what} is missing")
     if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch tensor
@@ -44,15 +57,73 @@ def _numpy(x, what: str) -> np.ndarray:
     return np.asarray(x)
 
 
+def check_matrix(x: np.ndarray, what: str = "embeddings") -> np.ndarray:
+    """``x`` when it is 2-D (N rows of D values), else an InputError naming ``what``."""
+    if x.ndim != 2:
+        raise InputError(f"{what} must be a 2-D (N, D) array, got shape {tuple(x.shape)}")
+    return x
+
+
+def check_labels(labels, n: int) -> np.ndarray:
+    """The class ids of ``n`` rows as int64 ``(n,)`` (the rule in the module docstring):
+    integers or booleans, or floats that are whole numbers; an ``(n, 1)`` column is flattened.
+    InputError otherwise, or when there are not ``n`` of them."""
+    y = to_numpy(labels, "labels")
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise InputError(f"labels must be 1-D (one class id per row), got shape {y.shape}")
+    if y.shape[0] != n:
+        raise InputError(f"labels has {y.shape[0]} entries but embeddings has {n} rows")
+    if y.dtype.kind == "f":
+        if not np.isfinite(y).all() or not np.all(y == np.round(y)):
+            raise InputError("labels must be integer class ids (found non-integer floats)")
+    elif y.dtype.kind not in "iub":
+        raise InputError(f"labels must be integer class ids, got dtype {y.dtype}")
+    return y.astype(np.int64, copy=False)
+
+
+def check_mask(mask, n: int, name: str) -> np.ndarray | None:
+    """A query or gallery mask of ``n`` rows as a boolean ``(n,)`` array (None stays None):
+    booleans, or numbers that are all 0 or 1 (the rule in the module docstring); anything
+    else is an InputError naming ``name``. An all-False mask passes (see
+    :func:`check_selection`)."""
+    if mask is None:
+        return None
+    m = to_numpy(mask, name)
+    if m.ndim != 1:
+        raise InputError(f"{name} must be 1-D (one flag per row), got shape {m.shape}")
+    if m.shape[0] != n:
+        raise InputError(f"{name} has {m.shape[0]} entries but embeddings has {n} rows")
+    if m.dtype.kind in "iuf":   # 0/1 numbers (a mask saved as floats too, as before)
+        if not np.isin(m, (0, 1)).all():
+            raise InputError(f"{name} must be booleans or 0/1 values; got other {m.dtype} "
+                             "values")
+    elif m.dtype != np.bool_:
+        raise InputError(f"{name} must be booleans or 0/1 values, got {m.dtype} values")
+    return m.astype(bool)
+
+
+def check_selection(mask, n: int, name: str) -> np.ndarray:
+    """The query or gallery set a mask selects among ``n`` rows, as a boolean ``(n,)`` array:
+    :func:`check_mask`'s rule, None selecting every row, and an InputError naming ``name``
+    when it selects no row."""
+    m = check_mask(mask, n, name)
+    if m is None:
+        return np.ones(n, dtype=bool)
+    if not m.any():
+        role = "query" if "query" in name else "gallery"
+        raise InputError(f"{name} selects no samples: the {role} set is empty")
+    return m
+
+
 def l2_normalize(embeddings, dtype=np.float32) -> np.ndarray:
     """``(N, D)`` rows scaled to unit L2 norm, a new C-contiguous array of ``dtype``.
 
     InputError for anything but a non-empty 2-D numeric array, for rows with NaN/inf and for
     all-zero rows (see the module docstring).
     """
-    x = _numpy(embeddings, "embeddings")
-    if x.ndim != 2:
-        raise InputError(f"embeddings must be a 2-D (N, D) array, got shape {tuple(x.shape)}")
+    x = check_matrix(to_numpy(embeddings, "embeddings"))
     if x.shape[0] == 0 or x.shape[1] == 0:
         raise InputError(f"embeddings have no {'rows' if x.shape[0] == 0 else 'columns'} "
                          f"(shape {tuple(x.shape)}): there is nothing to compare")
@@ -164,18 +235,6 @@ def check_not_degenerate(unit_embeddings: np.ndarray, labels) -> None:
         raise DegenerateEmbeddingsError(found[1], found[0])
 
 
-def _mask(mask, n: int, name: str) -> np.ndarray | None:
-    if mask is None:
-        return None
-    mask = _numpy(mask, name)
-    if mask.shape != (n,):
-        raise InputError(f"{name} has {mask.size} entries but embeddings has {n} rows")
-    zero_one = mask.dtype.kind in "biu" or (mask.dtype.kind == "f" and np.isin(mask, (0, 1)).all())
-    if not zero_one:
-        raise InputError(f"{name} must be booleans (or 0/1), got {mask.dtype} values")
-    return mask.astype(bool)
-
-
 @dataclass
 class Embeddings:
     """Embeddings of one split with their labels (and optional paths and query/gallery masks).
@@ -191,19 +250,13 @@ class Embeddings:
     paths: list[str] | None = None
 
     def __post_init__(self) -> None:
-        self.embeddings = _numpy(self.embeddings, "embeddings")
-        if self.embeddings.ndim != 2:
-            raise InputError(f"embeddings must be a 2-D (N, D) array, got shape "
-                             f"{tuple(self.embeddings.shape)}")
+        self.embeddings = check_matrix(to_numpy(self.embeddings, "embeddings"))
         n = self.embeddings.shape[0]
-        self.labels = _numpy(self.labels, "labels")
-        if self.labels.ndim != 1:
-            raise InputError(f"labels must be 1-D (one class id per row), got shape "
-                             f"{self.labels.shape}")
-        if self.labels.shape != (n,):
-            raise InputError(f"labels has {self.labels.size} entries but embeddings has {n} rows")
-        self.is_query = _mask(self.is_query, n, "is_query")
-        self.is_gallery = _mask(self.is_gallery, n, "is_gallery")
+        labels = to_numpy(self.labels, "labels")
+        check_labels(labels, n)
+        self.labels = labels.reshape(n)  # kept as given: an (N, 1) column becomes (N,)
+        self.is_query = check_mask(self.is_query, n, "is_query")
+        self.is_gallery = check_mask(self.is_gallery, n, "is_gallery")
         if self.paths is not None:
             self.paths = [str(p) for p in self.paths]
             if len(self.paths) != n:
@@ -304,41 +357,3 @@ def _check_declared_sizes(path: Path, archive: zipfile.ZipFile) -> None:
         if needed > info.file_size:
             raise InputError(f"{str(path)!r} is damaged: {info.filename} declares shape "
                              f"{shape} ({needed} bytes) but holds {info.file_size} bytes")
-
-
-def embed_dataset(model, dataset, device, batch_size: int = 256, num_workers: int = 0,
-                  amp: str = "none", progress: str | None = None,
-                  generator=None) -> Embeddings:
-    """Embed every sample of ``dataset`` in order (eval mode, no gradients); ``progress``
-    names a progress bar shown on a terminal. The loader draws its workers' base seed from
-    ``generator``, or from the global torch RNG when None (as the trainer's evaluation always
-    has: changing that would change every run's trajectory)."""
-    import torch
-
-    from nirdml.devices import autocast
-
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                                         num_workers=num_workers, generator=generator,
-                                         pin_memory=torch.device(device).type == "cuda")
-    was_training = model.training
-    model.eval()
-    chunks = []
-    bar = None
-    if progress:
-        from nirdml.evaluation.core import progress_bar
-
-        bar = progress_bar(len(dataset), f"{progress}: embedding", "img")
-    try:
-        with torch.no_grad():
-            for images, _ in loader:
-                with autocast(torch.device(device), amp):
-                    chunks.append(model(images.to(device, non_blocking=True)).float().cpu())
-                if bar is not None:
-                    bar.update(len(images))
-    finally:
-        model.train(was_training)
-        if bar is not None:
-            bar.close()
-    emb = torch.cat(chunks).numpy() if chunks else np.zeros((0, 1), np.float32)
-    return Embeddings(emb, np.asarray(dataset.labels), getattr(dataset, "is_query", None),
-                      getattr(dataset, "is_gallery", None))

@@ -32,7 +32,12 @@ from collections.abc import Callable
 
 import numpy as np
 
-from nirdml.embeddings import check_not_degenerate, l2_normalize, single_class_message
+from nirdml.embeddings import (
+    check_labels,
+    check_not_degenerate,
+    l2_normalize,
+    single_class_message,
+)
 from nirdml.errors import InputError
 
 EPS = 1e-12
@@ -50,17 +55,9 @@ def normalize_embeddings(embeddings) -> np.ndarray:
 
 
 def _check_labels(labels, n: int) -> np.ndarray:
-    """Integer class labels remapped to ``0..C-1`` (C >= 2)."""
-    y = np.asarray(labels)
-    if y.ndim != 1:
-        raise InputError(f"labels must be a 1-D array, got shape {y.shape}")
-    if y.shape[0] != n:
-        raise InputError(f"labels has {y.shape[0]} entries but embeddings has {n} rows")
-    if y.dtype.kind == "f":
-        if not np.isfinite(y).all() or not np.all(y == np.round(y)):
-            raise InputError("labels must be integer class ids (found non-integer floats)")
-    elif y.dtype.kind not in "iub":
-        raise InputError(f"labels must be integer class ids, got dtype {y.dtype}")
+    """Integer class labels (``nirdml.embeddings.check_labels``' rule) remapped to ``0..C-1``
+    (C >= 2)."""
+    y = check_labels(labels, n)
     classes, inverse = np.unique(y, return_inverse=True)
     inverse = inverse.reshape(-1).astype(np.int64)
     if classes.size == 1:

@@ -119,7 +119,7 @@ def analyze(embeddings=None, labels=None, checkpoint=None, out_dir: str | Path =
 
     Input is either ``embeddings`` (an ``(N, D)`` array with ``labels``, or the path of an npz with
     keys ``embeddings`` and ``labels``) or ``checkpoint`` (its ``split`` is embedded with
-    :class:`nirdml.run.TrainedRun`). For a checkpoint trained with NIR
+    :class:`nirdml.inference.TrainedRun`). For a checkpoint trained with NIR
     and ``flow_classes > 0``, ``flow_classes`` random training classes are embedded too and the
     flow is sampled around their proxies: statistics (and :func:`mechanism_metrics`) go to
     ``analysis.json["flow_samples"]``,
@@ -179,7 +179,7 @@ def _read_input(embeddings, labels, checkpoint, split, device, batch_size, data_
     if (embeddings is None) == (checkpoint is None):
         raise InputError("give exactly one of embeddings (array or .npz) and checkpoint")
     if checkpoint is not None:
-        from nirdml.run import TrainedRun
+        from nirdml.inference import TrainedRun
 
         run = TrainedRun.open(checkpoint, device, data_root)
         emb = run.embed(split, batch_size)

@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from nirdml.analysis import diagnostics as dg  # noqa: E402
+from nirdml.embeddings import check_labels  # noqa: E402
 from nirdml.errors import InputError  # noqa: E402
 
 
@@ -73,9 +74,7 @@ def plot_tsne(embeddings, labels, path, num_classes: int = 10, max_points: int =
     from sklearn.manifold import TSNE
 
     x = dg.normalize_embeddings(embeddings)
-    y = np.asarray(labels)
-    if y.shape != (x.shape[0],):
-        raise InputError(f"labels must have shape ({x.shape[0]},), got {y.shape}")
+    y = check_labels(labels, x.shape[0])
     rng = np.random.default_rng(seed)
     chosen = _pick_classes(y, num_classes, rng)
     idx = np.flatnonzero(np.isin(y, chosen))
@@ -193,9 +192,7 @@ def plot_flow_samples(flow, proxies, embeddings, labels, path, classes=None,
     from :func:`sample_flow_around_proxies`.
     """
     x = dg.normalize_embeddings(embeddings)
-    y = np.asarray(labels).astype(np.int64)
-    if y.shape != (x.shape[0],):
-        raise InputError(f"labels must have shape ({x.shape[0]},), got {y.shape}")
+    y = check_labels(labels, x.shape[0])
     if classes is None:
         classes = _pick_classes(y, num_classes, np.random.default_rng(seed), min_size=1)
     classes = np.asarray(classes, dtype=np.int64)

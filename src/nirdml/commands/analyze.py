@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from nirdml.commands.argtypes import non_negative_int, positive_int
+from nirdml.commands.argtypes import (
+    add_batch_size_option,
+    add_data_root_option,
+    add_device_option,
+    non_negative_int,
+)
 
 HELP = "structure diagnostics and figures of a checkpoint's or an npz file's embeddings"
 
@@ -22,11 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flow-classes", type=non_negative_int, default=4,
                         help="training classes whose flow samples are drawn (NIR checkpoints; "
                              "0 = none)")
-    parser.add_argument("--device", default="auto",
-                        help="cpu, cuda, cuda:N or auto (a GPU when there is one)")
-    parser.add_argument("--batch-size", type=positive_int, default=None,
-                        help="images per forward pass (default: the run's data.eval_batch_size)")
-    parser.add_argument("--data-root", default=None, help="dataset root, if it moved")
+    add_device_option(parser, "for embedding a checkpoint's split")
+    add_batch_size_option(parser)
+    add_data_root_option(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of every subsample")
 
 

@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nirdml.crossval import crossval, markdown, print_log
+    from nirdml.selection.crossval import crossval, markdown, print_log
     from nirdml.training.config import load_config
     from nirdml.training.trainer import Interrupted
 

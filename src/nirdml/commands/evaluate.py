@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from nirdml.commands.argtypes import positive_float
+from nirdml.commands.argtypes import add_data_root_option, add_device_option, positive_float
+from nirdml.evaluation.names import DEFAULT_METRICS, DEFAULT_RECALL_KS, SOP_RECALL_KS
 
 HELP = "Compute Recall@k, MAP@R, R-Precision, mAP@1000, NMI, AMI and F1 for embeddings."
-# Same as nirdml.evaluation.DEFAULT_METRICS (not imported here: keep `nirdml --help` light).
-DEFAULT_METRICS = ["recall", "map@r", "r_precision", "map@1000", "nmi", "f1"]
+
+
+def _ks(ks) -> str:
+    return " ".join(str(k) for k in ks)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,9 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--split", choices=("train", "val", "test"), default="test",
         help="with --checkpoint: which split to embed (default: test)",
     )
-    src.add_argument(
-        "--data-root", default=None, help="with --checkpoint: dataset root if it moved"
-    )
+    add_data_root_option(src, "with --checkpoint: ")
     parser.add_argument(
         "--metrics",
         nargs="+",
@@ -47,17 +48,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="K",
-        help="k values for 'recall' and 'precision' (default 1 2 4 8; SOP: 1 10 100 1000)",
+        help=f"k values for 'recall' and 'precision' (default {_ks(DEFAULT_RECALL_KS)}; "
+        f"SOP: {_ks(SOP_RECALL_KS)})",
     )
     parser.add_argument(
         "--backend", choices=("auto", "faiss", "torch"), default="auto",
         help="neighbour search / k-means backend (auto: faiss when installed)",
     )
-    parser.add_argument(
-        "--device", default=None,
-        help="device for the torch backend and for embedding a checkpoint "
-        "(default: cuda when available)",
-    )
+    add_device_option(parser, "for the torch backend and for embedding a checkpoint")
     parser.add_argument("--kmeans-seed", type=int, default=0, help="k-means seed")
     parser.add_argument(
         "--max-memory-mb", type=positive_float, default=None,
@@ -72,7 +70,7 @@ def _evaluate_kwargs(args: argparse.Namespace, metrics=None, recall_ks=None) -> 
     """Options shared by every input source (explicit flags win over a run's settings)."""
     return {
         "metrics": args.metrics or metrics or DEFAULT_METRICS,
-        "recall_ks": tuple(args.recall_ks or recall_ks or (1, 2, 4, 8)),
+        "recall_ks": tuple(args.recall_ks or recall_ks or DEFAULT_RECALL_KS),
         "backend": args.backend,
         "device": args.device,
         "kmeans_seed": args.kmeans_seed,
@@ -83,15 +81,14 @@ def _evaluate_kwargs(args: argparse.Namespace, metrics=None, recall_ks=None) -> 
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate the chosen input, print a table and optionally write JSON."""
+    from nirdml.console import print_metrics_table
+    from nirdml.devices import resolve_device
     from nirdml.errors import ConfigError
-    from nirdml.evaluation import evaluate_npz, print_metrics_table, write_metrics_json
+    from nirdml.evaluation import evaluate_npz, write_metrics_json
 
     if args.embeddings and args.checkpoint:
         raise ConfigError("pass either --embeddings or --checkpoint, not both")
-    if args.device is not None:
-        from nirdml.devices import resolve_device
-
-        resolve_device(args.device, "--device")
+    resolve_device(args.device, "--device")
     if args.json:
         from nirdml.files import check_writable_file
 
@@ -101,9 +98,9 @@ def run(args: argparse.Namespace) -> int:
         title = f"nirdml evaluate: {args.embeddings}"
     elif args.checkpoint:
         from nirdml.evaluation import evaluate
-        from nirdml.run import TrainedRun
+        from nirdml.inference import TrainedRun
 
-        run = TrainedRun.open(args.checkpoint, args.device or "auto", args.data_root)
+        run = TrainedRun.open(args.checkpoint, args.device, args.data_root)
         emb, cfg = run.embed(args.split, progress=args.split), run.config
         results = evaluate(
             emb.embeddings, emb.labels, query_mask=emb.is_query, gallery_mask=emb.is_gallery,

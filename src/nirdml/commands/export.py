@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from nirdml.commands.argtypes import positive_int
+from nirdml.commands.argtypes import add_overwrite_option, positive_int
 
 HELP = "export the embedding network of a checkpoint to ONNX or TorchScript"
 
@@ -15,8 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="onnx needs pip install 'nirdml[export]'")
     parser.add_argument("--out", required=True,
                         help="output file: .onnx for onnx, .pt, .pth or .ts for torchscript")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace --out even when it is not an export nirdml wrote")
+    add_overwrite_option(parser, "an export")
     parser.add_argument("--image-size", type=positive_int, default=None,
                         help="input height/width (default: what the eval transform produces)")
     parser.add_argument("--opset", type=int, default=17,

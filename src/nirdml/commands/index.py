@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from nirdml.commands.argtypes import non_negative_int, positive_int
+from nirdml.commands.argtypes import (
+    add_batch_size_option,
+    add_data_root_option,
+    add_device_option,
+    add_num_workers_option,
+    positive_int,
+)
 
 HELP = "build a searchable gallery index from a checkpoint (index build), or describe one"
 
@@ -34,13 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="IVF-PQ sub-quantisers, must divide the embedding dim (default dim/4)")
     b.add_argument("--nbits", type=positive_int, default=None,
                    help="IVF-PQ bits per sub-quantiser (default 8)")
-    b.add_argument("--device", default="auto",
-                   help="cpu, cuda, cuda:N or auto (a GPU when there is one)")
-    b.add_argument("--batch-size", type=positive_int, default=None,
-                   help="images per forward pass (default: the run's data.eval_batch_size)")
-    b.add_argument("--num-workers", type=non_negative_int, default=None,
-                   help="image loading processes (default: the run's data.num_workers)")
-    b.add_argument("--data-root", default=None, help="dataset root, if it moved since training")
+    add_device_option(b, "for embedding the gallery")
+    add_batch_size_option(b)
+    add_num_workers_option(b)
+    add_data_root_option(b)
     b.add_argument("--on-error", choices=["skip", "fail"], default=None,
                    help="undecodable gallery images: skip them or stop (default: the "
                         "checkpoint's data.on_error)")

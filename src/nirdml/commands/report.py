@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from nirdml.commands.argtypes import positive_int
+from nirdml.commands.argtypes import (
+    add_data_root_option,
+    add_device_option,
+    add_overwrite_option,
+    positive_int,
+)
 
 HELP = "write a self-contained HTML report of a run (metrics, curves, diagnostics, retrieval)"
 
@@ -12,15 +17,13 @@ HELP = "write a self-contained HTML report of a run (metrics, curves, diagnostic
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="a run folder (the --out of nirdml train)")
     parser.add_argument("--out", default=None, help="output HTML (default RUN/report.html)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace --out even when it is not a report nirdml wrote")
+    add_overwrite_option(parser, "a report")
     parser.add_argument("-k", "--k", type=positive_int, default=5, help="results per grid query")
     parser.add_argument("--queries", type=positive_int, default=6,
                         help="queries in the retrieval grid")
     parser.add_argument("--checkpoint", default=None, help="default RUN/checkpoints/best.pt")
-    parser.add_argument("--device", default="cpu",
-                        help="device for the retrieval grid's embeddings")
-    parser.add_argument("--data-root", default=None, help="dataset root, if it moved")
+    add_device_option(parser, "for the retrieval grid's embeddings")
+    add_data_root_option(parser)
     parser.add_argument("--no-grid", action="store_true", help="skip the retrieval grid")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from nirdml.commands.argtypes import positive_int
+from nirdml.commands.argtypes import add_device_option, positive_int
 
 HELP = "search an index (nirdml index build) with query images"
 
@@ -18,8 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", default=None,
                         help="the model to embed queries with (default: the one the index "
                              "remembers; it must be the same model)")
-    parser.add_argument("--device", default="auto",
-                        help="cpu, cuda, cuda:N or auto (a GPU when there is one)")
+    add_device_option(parser, "for embedding the queries")
 
 
 def run(args: argparse.Namespace) -> int:

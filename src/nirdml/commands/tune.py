@@ -39,11 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nirdml.crossval import print_log
-    from nirdml.search_space import load_space
+    from nirdml.selection.crossval import print_log
+    from nirdml.selection.search_space import load_space
+    from nirdml.selection.tune import require_optuna, tune
     from nirdml.training.config import load_config
     from nirdml.training.trainer import Interrupted
-    from nirdml.tune import require_optuna, tune
 
     require_optuna()  # the missing extra first, before any other work
     cfg = load_config(args.config, args.overrides)

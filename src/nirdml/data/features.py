@@ -99,7 +99,7 @@ def encode(encoder: nn.Module, dataset: LabeledDataset, device: torch.device,
            batch_size: int = 256, num_workers: int = 0, progress: bool = False) -> np.ndarray:
     """``encoder(images)`` of every sample in order (eval mode), as float32 ``N x F`` (the
     loader's seed from its own generator: the global RNGs are untouched)."""
-    from nirdml.embeddings import embed_dataset
+    from nirdml.inference.embed import embed_dataset
 
     return embed_dataset(encoder, dataset, device, batch_size, num_workers,
                          progress=f"features {dataset.name}" if progress else None,

@@ -2,8 +2,8 @@
 
 Every reader of a tree of class folders -- the ``folder`` dataset, the class-folder layouts of
 ``cub200`` and ``cars196``, and folder galleries (``nirdml index build --gallery FOLDER``,
-:func:`nirdml.data.images.list_image_folder`) -- calls :func:`scan_class_folders`, so all of them
-read ``ROOT/<class>/**/<image>`` by one rule:
+``nirdml.retrieval.gallery``) -- calls :func:`scan_class_folders`, so all of them read
+``ROOT/<class>/**/<image>`` by one rule:
 
 * the class of an image is the FIRST folder level under the root: ``ROOT/cat/2019/a.png`` is a
   ``cat``, so sub-folders with the same names under two classes never merge them;

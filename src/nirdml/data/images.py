@@ -1,9 +1,10 @@
-"""Reading image files to embed them: decoding with clear errors, folder listing, a Dataset.
+"""Reading image files to embed them: decoding with clear errors, and a Dataset of files.
 
-Query images and folder galleries (``nirdml search``, ``nirdml index build --gallery FOLDER``)
-are read here (folders by :mod:`nirdml.data.image_files`' class-folder rule, images under its
-pixel limit); the :class:`~nirdml.data.preprocessing.ImagePrep` of a checkpoint's
-preprocessing record turns each decoded image into a model input.
+Query images and the images of folder galleries (``nirdml search``, ``nirdml index build
+--gallery FOLDER``) are read here, under :mod:`nirdml.data.image_files`' pixel limit (a folder
+gallery is listed by that module's one class-folder scanner, ``scan_class_folders``); the
+:class:`~nirdml.data.preprocessing.ImagePrep` of a checkpoint's preprocessing record turns each
+decoded image into a model input.
 """
 
 from __future__ import annotations
@@ -19,14 +20,12 @@ from nirdml.data.image_files import (
     IMAGE_EXTENSIONS,
     apply_pixel_limit,
     exceeds_pixel_limit,
-    scan_class_folders,
     too_large,
 )
 from nirdml.data.preprocessing import ImagePrep
 from nirdml.errors import InputError
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFileDataset", "collate_skipping_bad", "list_image_folder",
-           "load_image"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageFileDataset", "collate_skipping_bad", "load_image"]
 
 
 def load_image(path: str | os.PathLike, in_chans: int = 3):
@@ -61,16 +60,6 @@ def load_image(path: str | os.PathLike, in_chans: int = 3):
             f"cannot decode image {str(path)!r} ({type(exc).__name__}: {text}); "
             f"use a readable {'/'.join(e[1:] for e in IMAGE_EXTENSIONS[:5])}... file"
         ) from None
-
-
-def list_image_folder(root: str | os.PathLike) -> tuple[list[str], list[str], list[int]]:
-    """A folder gallery ``root/<class>/**/<image>``: ``(paths, class_names, labels)``.
-
-    :func:`~nirdml.data.image_files.scan_class_folders` reads it (the class is the first folder
-    level, hidden names are skipped, images directly in ``root`` are refused); its errors are
-    InputError here.
-    """
-    return scan_class_folders(root, what="gallery", error=InputError)
 
 
 class ImageFileDataset(torch.utils.data.Dataset):

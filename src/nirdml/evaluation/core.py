@@ -14,15 +14,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from nirdml.embeddings import check_not_degenerate, l2_normalize
+from nirdml.console import progress_bar
+from nirdml.embeddings import check_labels, check_not_degenerate, check_selection, l2_normalize
 from nirdml.errors import ConfigError, InputError
 from nirdml.evaluation.clustering import CLUSTERING_METRICS, clustering_scores
 from nirdml.evaluation.knn import knn_blocks, resolve_backend
 from nirdml.evaluation.metrics import RANKING_METRICS, RankingAccumulator
-
-DEFAULT_RECALL_KS = (1, 2, 4, 8)
-SOP_RECALL_KS = (1, 10, 100, 1000)
-DEFAULT_METRICS = ("recall", "map@r", "r_precision", "map@1000", "nmi", "f1")
+from nirdml.evaluation.names import DEFAULT_METRICS, DEFAULT_RECALL_KS
 
 
 def metric_names() -> tuple[str, ...]:
@@ -136,55 +134,10 @@ def parse_metrics(
     return spec
 
 
-def _to_numpy(x, what: str) -> np.ndarray:
-    if x is None:
-        raise InputError(f"{what} is missing")
-    if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch tensor
-        x = x.detach().cpu()
-        if hasattr(x, "is_floating_point") and x.is_floating_point():
-            x = x.float()
-        x = x.numpy()
-    return np.asarray(x)
-
-
 def normalize_embeddings(embeddings) -> np.ndarray:
     """Validate a ``(N, D)`` array/tensor and return it L2-normalised as C-contiguous float32
     (``nirdml.embeddings.l2_normalize``: NaN/inf or all-zero rows are an InputError)."""
     return l2_normalize(embeddings)
-
-
-def _labels(labels, n: int) -> np.ndarray:
-    y = _to_numpy(labels, "labels")
-    if y.ndim == 2 and y.shape[1] == 1:
-        y = y[:, 0]
-    if y.ndim != 1:
-        raise InputError(f"labels must be 1-D (one integer per sample); got shape {y.shape}")
-    if y.shape[0] != n:
-        raise InputError(
-            f"labels has {y.shape[0]} entries but embeddings has {n} rows; they must match"
-        )
-    if np.issubdtype(y.dtype, np.floating):
-        if not np.isfinite(y).all() or not np.all(y == np.round(y)):
-            raise InputError("labels must be integers (class ids); got non-integral values")
-        y = y.astype(np.int64)
-    elif not (np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_):
-        raise InputError(f"labels must be integers (class ids); got dtype {y.dtype}")
-    return y.astype(np.int64, copy=False)
-
-
-def _mask(mask, n: int, what: str) -> np.ndarray:
-    if mask is None:
-        return np.ones(n, dtype=bool)
-    m = _to_numpy(mask, what)
-    if m.ndim != 1 or m.shape[0] != n:
-        raise InputError(f"{what} must be a 1-D boolean array of length {n}; got shape {m.shape}")
-    if m.dtype != np.bool_:
-        if not np.isin(m, (0, 1)).all():
-            raise InputError(f"{what} must be boolean (or 0/1); got other values")
-        m = m.astype(bool)
-    if not m.any():
-        raise InputError(f"{what} selects no samples: the {what.split('_')[0]} set is empty")
-    return m
 
 
 def _relevant_counts(
@@ -259,20 +212,6 @@ def _ranking(spec, x, y, q_index, g_index, self_pos, r, c, backend, block_size, 
     if bar is not None:
         bar.close()
     return acc.result()
-
-
-def progress_bar(total: int, desc: str, unit: str = "it", **options):
-    """A tqdm bar on stderr with a fixed-width bar (readable next to long descriptions and a
-    postfix); silent when stderr is not a terminal. ``options`` go to tqdm."""
-    import sys
-
-    from tqdm.auto import tqdm
-
-    options = {"leave": False, "dynamic_ncols": True, "file": sys.stderr, "disable": None,
-               **options}
-    return tqdm(total=total, desc=desc, unit=unit, **options,
-                bar_format="{desc}: {percentage:3.0f}%|{bar:24}| {n_fmt}/{total_fmt} "
-                           "[{elapsed}<{remaining}, {rate_fmt}{postfix}]")
 
 
 def _check_sizes(max_memory_mb, block_size) -> None:
@@ -363,10 +302,12 @@ def evaluate(
 ) -> dict:
     """Retrieval and clustering metrics of ``embeddings`` (N x D, numpy or torch) on cosine.
 
-    Every sample is a query against all others unless ``query_mask`` / ``gallery_mask`` (bool,
-    length N) pick the query and gallery sets (In-Shop style); a sample in both never retrieves
-    itself. Queries whose class has no other gallery member are left out and counted as
-    ``lone_queries``; ``num_queries`` counts the queries the retrieval metrics average over.
+    Every sample is a query against all others unless ``query_mask`` / ``gallery_mask`` (bool
+    or 0/1 numbers, length N; ``nirdml.embeddings.check_selection``: a mask that selects
+    nothing is an InputError) pick the query and gallery sets (In-Shop style); a sample in both
+    never retrieves itself. Queries whose class has no other gallery member are left out and
+    counted as ``lone_queries``; ``num_queries`` counts the queries the retrieval metrics
+    average over.
 
     ``metrics``: names from ``metric_names()`` (default ``DEFAULT_METRICS``); a family's name
     (``"recall"``, ``"precision"``) expands to ``recall_ks``, ``"recall@K"`` picks any K. Returned:
@@ -398,9 +339,9 @@ def evaluate(
     backend = resolve_backend(backend, device)
     x = normalize_embeddings(embeddings)
     n = x.shape[0]
-    y = _labels(labels, n)
-    q_mask = _mask(query_mask, n, "query_mask")
-    g_mask = _mask(gallery_mask, n, "gallery_mask")
+    y = check_labels(labels, n)
+    q_mask = check_selection(query_mask, n, "query_mask")
+    g_mask = check_selection(gallery_mask, n, "gallery_mask")
     members = q_mask | g_mask
     check_not_degenerate(x if members.all() else x[members], y[members])
     max_bytes = None if max_memory_mb is None else int(max_memory_mb * 2**20)

@@ -1,16 +1,16 @@
-"""Embedding files (``.npz``) in, metric tables and JSON out: ``load_npz`` / ``evaluate_npz``
-read saved embeddings, ``format_metrics_table`` prints a result in percent and
-``write_metrics_json`` keeps its fractions (NaN as null)."""
+"""Embedding files (``.npz``) in, metrics JSON out: ``load_npz`` / ``evaluate_npz`` read saved
+embeddings, ``write_metrics_json`` keeps the metrics' fractions (NaN as null). The table in
+percent that a person reads is :func:`nirdml.console.format_metrics_table`."""
 
 from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
-from typing import TextIO
 
 import numpy as np
+
+from nirdml.evaluation.names import DEFAULT_RECALL_KS
 
 NPZ_REQUIRED = ("embeddings", "labels")
 NPZ_OPTIONAL = ("is_query", "is_gallery")
@@ -26,7 +26,8 @@ def load_npz(path: str | Path) -> dict[str, np.ndarray | None]:
             "is_gallery": emb.is_gallery}
 
 
-def evaluate_npz(path: str | Path, metrics=None, recall_ks=(1, 2, 4, 8), **kwargs) -> dict:
+def evaluate_npz(path: str | Path, metrics=None, recall_ks=DEFAULT_RECALL_KS,
+                 **kwargs) -> dict:
     """``evaluate`` on the arrays of an ``.npz`` file (see ``load_npz``); kwargs go through."""
     from nirdml.evaluation.core import evaluate
 
@@ -40,27 +41,6 @@ def evaluate_npz(path: str | Path, metrics=None, recall_ks=(1, 2, 4, 8), **kwarg
         recall_ks=recall_ks,
         **kwargs,
     )
-
-
-def format_metrics_table(results: dict, title: str | None = None) -> str:
-    """A text table of metrics in percent (counts as integers); JSON keeps fractions."""
-    width = max([len(k) for k in results] + [6])
-    lines = [title] if title else []
-    lines.append(f"{'metric':<{width}}  {'%':>7}")
-    lines.append("-" * (width + 9))
-    for key, value in results.items():
-        if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-            lines.append(f"{key:<{width}}  {int(value):>7d}")
-        elif value is None or (isinstance(value, float) and math.isnan(value)):
-            lines.append(f"{key:<{width}}  {'nan':>7}")
-        else:
-            lines.append(f"{key:<{width}}  {100 * float(value):>7.2f}")
-    return "\n".join(lines)
-
-
-def print_metrics_table(results: dict, file: TextIO | None = None, title: str | None = None):
-    """Print ``format_metrics_table(results)`` (to stdout by default)."""
-    print(format_metrics_table(results, title=title), file=file or sys.stdout)
 
 
 def metrics_to_jsonable(results: dict) -> dict:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from nirdml.errors import CheckpointError, ConfigError, NirdmlError
-from nirdml.retrieval.fingerprint import model_fingerprint
+from nirdml.models.fingerprint import model_fingerprint
 
 FORMATS = ("onnx", "torchscript")
 #: the file suffixes each format is written to (the first is the one to suggest)
@@ -105,7 +105,7 @@ class ExportResult:
 
 
 def input_shape(run, image_size: int | None = None) -> tuple[int, int, int]:
-    """``(C, H, W)`` the model of ``run`` (a :class:`~nirdml.run.TrainedRun`) sees: square
+    """``(C, H, W)`` the model of ``run`` (a :class:`~nirdml.inference.TrainedRun`) sees: square
     ``image_size`` if given, else the input size its preprocessing record holds (checkpoints
     older than the record derive it from their dataset)."""
     in_chans = int(run.state.get("in_chans") or getattr(run.model, "in_chans", None) or 3)
@@ -129,7 +129,7 @@ def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str
     a difference above ``tolerance`` raises CheckpointError. ``out``, ``fmt``, ``image_size``
     and ``opset`` are checked first (:func:`check_export_options`).
     """
-    from nirdml.run import TrainedRun
+    from nirdml.inference import TrainedRun
 
     fmt = str(fmt).lower()
     check_export_options(out, fmt, image_size, opset)

@@ -9,8 +9,9 @@ imported on first access (``nirdml.nir`` itself imports no torch).
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from nirdml.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from nirdml.nir.conditioning import COND_MODES
@@ -23,11 +24,4 @@ _LAZY = {"ConditionalGlowFlow": "nirdml.nir.flow", "NIRLoss": "nirdml.nir.regula
          "COND_MODES": "nirdml.nir.conditioning"}
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'nirdml.nir' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)

@@ -149,8 +149,8 @@ def retrieval_grid(checkpoint: Path, k: int = 5, num_queries: int = 6, device: s
 
     Raises a NirdmlError/OSError when the checkpoint or dataset is unavailable.
     """
+    from nirdml.inference import TrainedRun
     from nirdml.retrieval.faiss_index import IndexSpec, build_index, search_index
-    from nirdml.run import TrainedRun
 
     run = TrainedRun.open(checkpoint, device, data_root)
     test, kind = run.split("test"), run.splits.image_kind

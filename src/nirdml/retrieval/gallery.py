@@ -2,7 +2,7 @@
 
 :func:`embed_gallery` turns a gallery spec into a :class:`Gallery` (unit-norm embeddings,
 labels, optional paths and class names, and a ``source`` record for the index's meta) with a
-:class:`~nirdml.run.TrainedRun`: a split is embedded with the evaluation transform, a folder's
+:class:`~nirdml.inference.TrainedRun`: a split is embedded with the evaluation transform, a folder's
 images with the run's query preprocessing (undecodable files skipped and recorded, or fatal),
 and an ``.npz`` is read as it is. File paths of split and folder galleries are absolute.
 """
@@ -16,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from nirdml.data.image_files import scan_class_folders
 from nirdml.embeddings import Embeddings, l2_normalize
 from nirdml.errors import ConfigError, InputError
-from nirdml.run import SPLITS
+from nirdml.inference import SPLITS
 
 
 @dataclass
@@ -61,7 +62,7 @@ def read_embeddings_npz(path: str | os.PathLike, dim: int | None = None) -> Gall
 def embed_gallery(run, spec: str | os.PathLike, on_error: str = "skip",
                   batch_size: int | None = None, num_workers: int | None = None) -> Gallery:
     """Embed ``split:NAME`` of ``run``'s dataset or a folder of images with ``run`` (a
-    :class:`~nirdml.run.TrainedRun`), or read an npz of its embeddings."""
+    :class:`~nirdml.inference.TrainedRun`), or read an npz of its embeddings."""
     kind, value = parse_gallery(spec)
     if kind == "npz":
         return read_embeddings_npz(value, run.model.embedding_dim)
@@ -94,9 +95,8 @@ def embed_folder(run, folder: str, on_error: str = "skip", batch_size: int | Non
     (``run.query_preprocessing``); undecodable ones are skipped and listed in
     ``source["skipped"]``, or with ``on_error="fail"`` raise InputError. Paths are absolute, so
     an index finds them from any working directory."""
-    from nirdml.data.images import list_image_folder
-
-    paths, class_names, labels = list_image_folder(os.path.abspath(folder))
+    paths, class_names, labels = scan_class_folders(os.path.abspath(folder), what="gallery",
+                                                    error=InputError)
     emb, kept, bad = run.embed_files(paths, skip_bad=on_error != "fail", batch_size=batch_size,
                                      num_workers=num_workers)
     if not kept:

@@ -1,4 +1,4 @@
-"""``Retriever``: a :class:`~nirdml.run.TrainedRun` (embeds query images) over a
+"""``Retriever``: a :class:`~nirdml.inference.TrainedRun` (embeds query images) over a
 :class:`~nirdml.retrieval.index.GalleryIndex` (faiss index, labels, paths, meta).
 
 :meth:`Retriever.load` attaches the index's checkpoint only if its fingerprint is the one the
@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 from nirdml.errors import CheckpointError, ConfigError, InputError
+from nirdml.inference import TrainedRun
+from nirdml.models.fingerprint import model_fingerprint
 from nirdml.retrieval.faiss_index import IndexSpec
-from nirdml.retrieval.fingerprint import model_fingerprint
-from nirdml.retrieval.gallery import Gallery, embed_gallery, parse_gallery, read_embeddings_npz
+from nirdml.retrieval.gallery import Gallery, embed_gallery
 from nirdml.retrieval.index import GalleryIndex, IndexOrigin, SearchResults
-from nirdml.run import TrainedRun, UnusualQueryWarning
 
 
 class Retriever:
@@ -184,5 +184,4 @@ class Retriever:
         return self._require_index().save(index_dir, option=option)
 
 
-__all__ = ["Gallery", "Retriever", "SearchResults", "UnusualQueryWarning", "parse_gallery",
-           "read_embeddings_npz"]
+__all__ = ["Retriever"]

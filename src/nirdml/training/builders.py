@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from nirdml.devices import autocast, resolve_device  # noqa: F401 - used as builders.*
-from nirdml.embeddings import Embeddings, embed_dataset  # noqa: F401 - re-exported
 from nirdml.training.config import Config
 
 

@@ -173,17 +173,21 @@ class Config:
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> Config:
+    def from_dict(cls, data: dict[str, Any] | None, validate: bool = True) -> Config:
+        """The config of ``data`` (keys and types checked); with ``validate`` (the default)
+        every other check too (:meth:`validate`). ``validate=False`` is for a config that is
+        changed before use and validated then (``load_config``: once per entry point)."""
         cfg = _from_dict(cls, data or {}, prefix="")
-        cfg.validate()
+        if validate:
+            cfg.validate()
         return cfg
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> Config:
+    def from_yaml(cls, path: str | Path, validate: bool = True) -> Config:
         data = read_yaml(path, "config file")
         if data is not None and not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
-        return cls.from_dict(data)
+        return cls.from_dict(data, validate=validate)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -462,4 +466,5 @@ def load_config(name_or_path: str | Path, overrides: list[str] | None = None) ->
                 f"shipped: {', '.join(available_configs())}"
             )
         path = shipped
-    return Config.from_yaml(path).with_overrides(overrides)
+    # validated once, after the overrides (with_values validates the result)
+    return Config.from_yaml(path, validate=False).with_overrides(overrides)

@@ -13,6 +13,7 @@ import sys
 import time
 from typing import Any
 
+from nirdml.console import epoch_line
 from nirdml.errors import ConfigError
 from nirdml.evaluation.core import is_headline
 from nirdml.files import atomic_write_text
@@ -44,23 +45,11 @@ class ConsoleSink:
         self.epochs = epochs
 
     def log(self, record: dict[str, Any], step: int) -> None:
-        print(epoch_line(record, self.epochs), file=sys.stderr)
+        print(epoch_line(record, self.epochs, show=lambda key: is_headline(key, brief=True)),
+              file=sys.stderr)
 
     def close(self, final: dict[str, Any] | None) -> None:
         pass
-
-
-def epoch_line(record: dict[str, Any], epochs: int) -> str:
-    """The console line of one epoch record."""
-    losses = "  ".join(f"{k[6:]} {v:.4g}" for k, v in record.items()
-                       if k.startswith("train/") and k != "train/bad_steps"
-                       and isinstance(v, float) and not k.endswith("_max"))
-    metrics = "  ".join(f"{k} {100 * v:.2f}%" for k, v in record.items()
-                        if k.startswith(("val/", "test/")) and isinstance(v, float)
-                        and is_headline(k.split("/")[1], brief=True))
-    speed = f"{record['time/epoch_s']:.1f} s, {record['time/images_per_s']:.0f} img/s"
-    return f"epoch {record['epoch']}/{epochs} ({speed})  {losses}" + (
-        f"  |  {metrics}" if metrics else "")
 
 
 class TensorBoardSink:

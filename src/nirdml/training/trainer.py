@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from nirdml.embeddings import embed_dataset
 from nirdml.errors import ConfigError, InputError, NirdmlError, TrainingError
+from nirdml.inference.embed import embed_dataset
 from nirdml.nir.monitor import flow_state
 from nirdml.training import builders
 from nirdml.training.checkpoint import TRAINER_KEYS, load_checkpoint, save_checkpoint
@@ -387,7 +387,7 @@ class Trainer:
     def _progress(self, total: int):
         if not (self.cfg.train.progress and self.dist.is_main):
             return None
-        from nirdml.evaluation.core import progress_bar
+        from nirdml.console import progress_bar
 
         return progress_bar(total, f"epoch {self.epoch + 1}/{self.cfg.train.epochs}", "batch")
 

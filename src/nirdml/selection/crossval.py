@@ -169,7 +169,7 @@ def ensemble_test_metrics(checkpoints: list[Path], cfg: Config) -> dict[str, Any
     import numpy as np
 
     from nirdml.evaluation import evaluate
-    from nirdml.run import TrainedRun
+    from nirdml.inference import TrainedRun
 
     parts, test, labels, masks = [], None, None, (None, None)
     for path in checkpoints:

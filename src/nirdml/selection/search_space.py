@@ -1,6 +1,6 @@
 """The search space of ``nirdml tune``: a YAML mapping from config keys to distributions
 (``Param``), parsed (``parse_param``, ``load_space``), checked against a config before any trial
-(``validate_space``) and applied to it (``apply_params``). See :mod:`nirdml.tune`."""
+(``validate_space``) and applied to it (``apply_params``). See :mod:`nirdml.selection.tune`."""
 
 from __future__ import annotations
 

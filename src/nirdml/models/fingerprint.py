@@ -1,4 +1,5 @@
-"""A model fingerprint: which weights produced a set of embeddings."""
+"""A model fingerprint: which weights produced a set of embeddings (an index and an export
+record it; retrieval checks a checkpoint against it)."""
 
 from __future__ import annotations
 

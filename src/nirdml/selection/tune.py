@@ -1,7 +1,7 @@
 """Hyperparameter search with Optuna over any config keys, on the cross-validated validation
-metric (Musgrave et al.'s protocol, :mod:`nirdml.crossval`).
+metric (Musgrave et al.'s protocol, :mod:`nirdml.selection.crossval`).
 
-The search space (:mod:`nirdml.search_space`) is a YAML mapping from config keys to
+The search space (:mod:`nirdml.selection.search_space`) is a YAML mapping from config keys to
 distributions::
 
     optim.lr:             {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
@@ -14,7 +14,7 @@ config before the first trial (unknown keys, wrong types and values, options a l
 does not take: one-line ``ConfigError`` s). ``data.folds`` / ``data.fold`` belong to
 ``--folds``.
 
-Each trial trains ``folds`` fold models (``nirdml.crossval.run_folds``) in
+Each trial trains ``folds`` fold models (``nirdml.selection.crossval.run_folds``) in
 ``OUT/trials/<hash of its parameters>/`` and scores the mean over the folds of the validation
 ``train.selection_metric`` (maximised); ``folds=1`` scores the config's own validation split
 (``data.val_fraction``) instead. The study lives in ``OUT/study.db`` (SQLite): running the same
@@ -42,7 +42,7 @@ from typing import Any
 
 from nirdml.errors import ConfigError, TrainingError
 from nirdml.owned import claim_folder
-from nirdml.search_space import Param, apply_params, params_hash, validate_space
+from nirdml.selection.search_space import Param, apply_params, params_hash, validate_space
 from nirdml.training.config import Config
 
 #: the heartbeat: a running trial beats every HEARTBEAT_S; silent for STALE_AFTER_S -> failed
@@ -126,7 +126,7 @@ def retry_stopped_trials(study) -> list[int]:
 
 def _score(cfg: Config, folds: int, folder: Path, log) -> tuple[list[float], list[str]]:
     """Per-fold validation ``selection_metric`` values and fold statuses of one trial."""
-    from nirdml.crossval import run_folds, selected_validation, train_run
+    from nirdml.selection.crossval import run_folds, selected_validation, train_run
     from nirdml.training.run_dir import RunDir
 
     metric = cfg.train.selection_metric
@@ -182,7 +182,7 @@ def _check_arguments(cfg: Config, space: dict[str, Param], trials: int, folds: i
                           f"got {folds}")
     folds = int(folds)
     if folds >= 2:
-        from nirdml.crossval import fold_config
+        from nirdml.selection.crossval import fold_config
 
         fold_config(cfg, folds, 0)
     elif cfg.data.val_fraction == 0 and not cfg.data.folds:

@@ -162,7 +162,7 @@ class TrainedRun:
               amp: str | None = None):
         """:class:`~nirdml.embeddings.Embeddings` of a split name or a dataset, in order, with
         the run's model (``num_workers`` and ``amp`` default to the run's)."""
-        from nirdml.embeddings import embed_dataset
+        from nirdml.inference.embed import embed_dataset
 
         dataset = self.split(split_or_dataset) if isinstance(split_or_dataset, str) \
             else split_or_dataset
