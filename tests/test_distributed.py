@@ -132,3 +132,114 @@ def test_torchrun_digits_matches_single_process_and_resumes_on_one(tmp_path):
           *sets, "--set", "train.epochs=3"])
     lines = (tmp_path / "two/metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3]
+
+
+# ---- sharded proxies (loss.shard): the same gradients as one process ------------------------
+SHARD_CLASSES = 7   # not divisible by 2 or 3
+SHARD_BATCHES = (
+    [0, 0, 6, 6, 3, 3, 5, 5, 1, 1, 4, 4],   # classes on every shard
+    [0, 0, 1, 1, 2, 2, 0, 0, 1, 1, 2, 2],   # the last shard(s) own no class of the batch
+)
+
+
+def _build_sharded(kind, shard=None):
+    """A criterion over SHARD_CLASSES: NIR around ProxyAnchor, or SoftTriple alone (K=2
+    centres per class); with ``shard``, the same parameters cut to that rank's shard."""
+    from nirdml.losses import SoftTripleLoss
+    from nirdml.training.sharding import local_states
+
+    torch.manual_seed(0)
+    model = build_model("small_cnn", embedding_dim=8, in_chans=1).double().eval()
+    if kind == "nir":
+        dense = NIRLoss.from_options(ProxyAnchorLoss(SHARD_CLASSES, 8), weight=0.5,
+                                     num_blocks=2, subnet_depth=2, subnet_width=16).double()
+    else:
+        dense = SoftTripleLoss(SHARD_CLASSES, 8, centers_per_class=2).double()
+    if shard is None:
+        return model, dense
+    if kind == "nir":
+        crit = NIRLoss.from_options(ProxyAnchorLoss(SHARD_CLASSES, 8, shard=shard), weight=0.5,
+                                    num_blocks=2, subnet_depth=2, subnet_width=16).double()
+    else:
+        crit = SoftTripleLoss(SHARD_CLASSES, 8, centers_per_class=2, shard=shard).double()
+    crit.load_state_dict(local_states(crit, None, dense.state_dict(), None)[0])
+    return model, crit
+
+
+def _sharded_batch(labels):
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(len(labels), 1, 8, 8, generator=g, dtype=torch.float64), \
+        torch.tensor(labels)
+
+
+def _sharded_worker(rank, world, port, out_path):
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      TORCHELASTIC_USE_AGENT_STORE="True", TORCHELASTIC_RESTART_COUNT="0")
+    torch.set_num_threads(1)
+    from nirdml.losses.shard import ClassShard
+    from nirdml.training.sharding import dense_states, proxy_loss_of
+
+    ctx = DistContext.from_env()
+    results = {}
+    for kind in ("nir", "soft_triple"):
+        for b, labels in enumerate(SHARD_BATCHES):
+            shard = ClassShard.split(SHARD_CLASSES, rank, world)
+            model, crit = _build_sharded(kind, shard)
+            ddp_model, ddp_crit = ctx.wrap_model(model), ctx.wrap_criterion(crit)
+            x, y = _sharded_batch(labels)
+            n = len(labels) // world
+            local = slice(rank * n, (rank + 1) * n)
+            loss = ddp_crit(ddp_model(x[local]), y[local])
+            loss.backward()
+            grads = _grads(model, crit)
+            # the proxy gradient in the dense layout, gathered like a checkpoint's proxies
+            proxies = proxy_loss_of(crit).proxies
+            full = dense_states(crit)[0]
+            grads = {k: v for k, v in grads.items() if "proxies" not in k}
+            grads["proxies"] = shard.gather_rows(proxies.grad)
+            results[(kind, b)] = {"loss": loss.detach(), "grads": grads,
+                                  "proxies": next(v for k, v in full.items()
+                                                  if k.endswith("proxies"))}
+    if rank == 0:
+        torch.save(results, out_path)
+    ctx.end_process(0)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_proxies_give_single_process_gradients(tmp_path, world):
+    """loss.shard under DDP (gloo): loss, model, flow and proxy gradients equal one process's
+    on the same global batch, for NIR around ProxyAnchor and for SoftTriple, with C = 7 not
+    divisible by the world size and a batch whose classes all lie on one shard."""
+    out = tmp_path / "shard.pt"
+    store = _rendezvous_store()
+    mp.spawn(_sharded_worker, args=(world, store.port, str(out)), nprocs=world, join=True)
+    got = torch.load(out)
+    bad = []
+    for kind in ("nir", "soft_triple"):
+        for b, labels in enumerate(SHARD_BATCHES):
+            model, crit = _build_sharded(kind)
+            x, y = _sharded_batch(labels)
+            loss = crit(model(x), y)
+            loss.backward()
+            want = _grads(model, crit)
+            want_proxies = next(v for k, v in want.items() if k.endswith("proxies"))
+            want = {k: v for k, v in want.items() if "proxies" not in k}
+            want["proxies"] = want_proxies
+            case = got[(kind, b)]
+            torch.testing.assert_close(case["loss"], loss.detach(), rtol=1e-10, atol=0)
+            assert case["grads"].keys() == want.keys(), (kind, b)
+            if kind == "nir":
+                assert any(k.startswith("crit.flow") for k in want)
+            torch.testing.assert_close(case["proxies"], next(
+                v for k, v in crit.state_dict().items() if k.endswith("proxies")))
+            for k in want:
+                # the loss's parameters (proxies, flow) to float64 precision; the model's
+                # backward to float32's, as in the replicated test (relative to the tensor)
+                if want[k].numel() == 0:
+                    continue
+                err = float((case["grads"][k] - want[k]).abs().max()
+                            / want[k].abs().max().clamp(min=1e-300))
+                if err > (1e-6 if k.startswith("model.") else 1e-10):
+                    bad.append((kind, b, k, err))
+    assert not bad, bad

@@ -49,29 +49,34 @@ class _MarginSoftmaxLoss(ProxyLoss):
     """Cross-entropy over ``s * cos`` with the own class's cosine replaced by ``psi``."""
 
     def __init__(self, num_classes: int, embedding_dim: int, scale: float, margin: float,
-                 proxy_lr_multiplier: float | None = None, proxies_per_class: int = 1):
+                 proxy_lr_multiplier: float | None = None, proxies_per_class: int = 1,
+                 shard=None, sample_rate: float = 1.0, seed: int = 0):
         if not scale > 0:
             raise ConfigError(f"scale must be > 0, got {scale}")
         if not 0 <= margin < math.pi / 2:
             raise ConfigError(f"margin must be in [0, pi/2), got {margin}")
         super().__init__(num_classes, embedding_dim, proxy_lr_multiplier,
-                         proxies_per_class=proxies_per_class)
+                         proxies_per_class=proxies_per_class, shard=shard,
+                         sample_rate=sample_rate, seed=seed)
         self.scale = float(scale)
         self.margin = float(margin)
 
-    def _class_cosine(self, embeddings: Tensor) -> Tensor:
-        """(B, C) cosine of each embedding to each class."""
-        return self._cosine(embeddings)
+    def _class_cosine(self, embeddings: Tensor, proxies: Tensor) -> Tensor:
+        """(B, C) cosine of each embedding to each class of ``proxies``."""
+        return F.normalize(embeddings, dim=1) @ F.normalize(proxies.to(embeddings.dtype),
+                                                            dim=1).t()
 
     def _target_logit(self, cos: Tensor) -> Tensor:
         raise NotImplementedError
 
     def _compute(self, embeddings: Tensor, labels: Tensor):
-        cos = self._class_cosine(embeddings)
-        rows = torch.arange(len(labels), device=labels.device)
-        target = cos[rows, labels]
-        logits = cos.index_put((rows, labels), self._target_logit(target))
-        return F.cross_entropy(self.scale * logits, labels), {}
+        shard, proxies, labels = self._classes(labels)
+        cos = self._class_cosine(embeddings, proxies)
+        mine = shard.owned(labels)  # the margin goes on the target column, on its owner
+        rows = torch.arange(len(labels), device=labels.device)[mine]
+        local = labels[mine] - shard.lo
+        logits = cos.index_put((rows, local), self._target_logit(cos[rows, local]))
+        return shard.cross_entropy(self.scale * logits, labels), {}
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, scale={self.scale:g}, margin={self.margin:g}"
@@ -90,8 +95,10 @@ class ArcFaceLoss(_MarginSoftmaxLoss):
     """
 
     def __init__(self, num_classes: int, embedding_dim: int, scale: float = 64.0,
-                 margin: float = 0.5, proxy_lr_multiplier: float | None = None):
-        super().__init__(num_classes, embedding_dim, scale, margin, proxy_lr_multiplier)
+                 margin: float = 0.5, proxy_lr_multiplier: float | None = None,
+                 shard=None, sample_rate: float = 1.0, seed: int = 0):
+        super().__init__(num_classes, embedding_dim, scale, margin, proxy_lr_multiplier,
+                         shard=shard, sample_rate=sample_rate, seed=seed)
 
     def _target_logit(self, cos: Tensor) -> Tensor:
         return arcface_logit(cos, self.margin)
@@ -109,8 +116,10 @@ class CosFaceLoss(_MarginSoftmaxLoss):
     """
 
     def __init__(self, num_classes: int, embedding_dim: int, scale: float = 64.0,
-                 margin: float = 0.35, proxy_lr_multiplier: float | None = None):
-        super().__init__(num_classes, embedding_dim, scale, margin, proxy_lr_multiplier)
+                 margin: float = 0.35, proxy_lr_multiplier: float | None = None,
+                 shard=None, sample_rate: float = 1.0, seed: int = 0):
+        super().__init__(num_classes, embedding_dim, scale, margin, proxy_lr_multiplier,
+                         shard=shard, sample_rate=sample_rate, seed=seed)
 
     def _target_logit(self, cos: Tensor) -> Tensor:
         return cos - self.margin
@@ -133,31 +142,29 @@ class SubCenterArcFaceLoss(_MarginSoftmaxLoss):
 
     def __init__(self, num_classes: int, embedding_dim: int, sub_centers: int = 3,
                  scale: float = 64.0, margin: float = 0.5,
-                 proxy_lr_multiplier: float | None = None):
+                 proxy_lr_multiplier: float | None = None, shard=None,
+                 sample_rate: float = 1.0, seed: int = 0):
         if int(sub_centers) < 1:
             raise ConfigError(f"sub_centers must be >= 1, got {sub_centers}")
         super().__init__(num_classes, embedding_dim, scale, margin, proxy_lr_multiplier,
-                         proxies_per_class=int(sub_centers))
+                         proxies_per_class=int(sub_centers), shard=shard,
+                         sample_rate=sample_rate, seed=seed)
         self.sub_centers = int(sub_centers)
 
-    def _centre_cosines(self, embeddings: Tensor) -> Tensor:
-        """(B, C, K) cosine of each sample to every sub-centre."""
-        return self._cosine(embeddings).view(-1, self.num_classes, self.sub_centers)
+    def _centre_cosines(self, embeddings: Tensor, proxies: Tensor) -> Tensor:
+        """(B, C, K) cosine of each sample to every sub-centre of ``proxies``."""
+        cos = F.normalize(embeddings, dim=1) @ F.normalize(proxies.to(embeddings.dtype),
+                                                           dim=1).t()
+        return cos.view(embeddings.shape[0], -1, self.sub_centers)
 
-    def _class_cosine(self, embeddings: Tensor) -> Tensor:
-        return self._centre_cosines(embeddings).amax(dim=2)
+    def _class_cosine(self, embeddings: Tensor, proxies: Tensor) -> Tensor:
+        return self._centre_cosines(embeddings, proxies).amax(dim=2)
 
     def _target_logit(self, cos: Tensor) -> Tensor:
         return arcface_logit(cos, self.margin)
 
     def class_proxies(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        labels = self._check_inputs(embeddings, labels)
-        k = self.sub_centers
-        with torch.no_grad():
-            dtype = torch.promote_types(embeddings.dtype, torch.float32)
-            own = self._centre_cosines(embeddings.to(dtype))[torch.arange(len(labels)), labels]
-            best = own.argmax(dim=1)
-        return F.normalize(self.proxies[labels * k + best], dim=1)
+        return self._nearest_own_centre(embeddings, labels)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, sub_centers={self.sub_centers}"

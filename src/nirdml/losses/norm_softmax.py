@@ -29,14 +29,20 @@ class NormSoftmaxLoss(ProxyLoss):
         embedding_dim: int,
         temperature: float = 0.05,
         proxy_lr_multiplier: float | None = None,
+        shard=None,
+        sample_rate: float = 1.0,
+        seed: int = 0,
     ):
-        super().__init__(num_classes, embedding_dim, proxy_lr_multiplier)
+        super().__init__(num_classes, embedding_dim, proxy_lr_multiplier, shard=shard,
+                         sample_rate=sample_rate, seed=seed)
         if not temperature > 0:
             raise ConfigError(f"temperature must be > 0, got {temperature}")
         self.temperature = float(temperature)
 
     def _compute(self, embeddings: Tensor, labels: Tensor):
-        return F.cross_entropy(self._cosine(embeddings) / self.temperature, labels), {}
+        shard, proxies, labels = self._classes(labels)
+        cos = F.normalize(embeddings, dim=1) @ F.normalize(proxies.to(embeddings.dtype), dim=1).t()
+        return shard.cross_entropy(cos / self.temperature, labels), {}
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, temperature={self.temperature:g}"

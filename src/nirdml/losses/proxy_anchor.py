@@ -40,14 +40,14 @@ _UNSHIFTED_LIMIT = 80.0
 class _NegativeTerm(torch.autograd.Function):
     """``sum_c log(1 + k sum_{i: y_i != c} exp(a[c, i]))`` of the ``(C, B)`` logits
     ``a = alpha cos`` with ``k = exp(alpha delta)``, in one pass over them (exp in place, the
-    positives zeroed, row sums) and a one-pass backward ``k E / (1 + S)``; no ``(B + 1, C)``
-    concatenation or masked copies. ``a`` must be a fresh tensor nobody else reads (it is
-    overwritten by ``exp(a)``)."""
+    positives ``(rows, cols)`` zeroed, row sums) and a one-pass backward ``k E / (1 + S)``; no
+    ``(B + 1, C)`` concatenation or masked copies. ``a`` must be a fresh tensor nobody else
+    reads (it is overwritten by ``exp(a)``)."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, labels: Tensor, k: float) -> Tensor:
+    def forward(ctx, logits: Tensor, rows: Tensor, cols: Tensor, k: float) -> Tensor:
         e = logits.detach().exp_()
-        e[labels, torch.arange(labels.shape[0], device=labels.device)] = 0.0
+        e[rows, cols] = 0.0
         s = e.sum(dim=1).mul_(k)
         ctx.save_for_backward(e, s)
         ctx.k = k
@@ -57,7 +57,7 @@ class _NegativeTerm(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
         e, s = ctx.saved_tensors
-        return e * (grad * ctx.k / (1.0 + s))[:, None], None, None
+        return e * (grad * ctx.k / (1.0 + s))[:, None], None, None, None
 
 
 class ProxyAnchorLoss(ProxyLoss):
@@ -80,39 +80,58 @@ class ProxyAnchorLoss(ProxyLoss):
         alpha: float = 32.0,
         delta: float = 0.1,
         proxy_lr_multiplier: float | None = None,
+        shard=None,
+        sample_rate: float = 1.0,
+        seed: int = 0,
     ):
-        super().__init__(num_classes, embedding_dim, proxy_lr_multiplier)
+        super().__init__(num_classes, embedding_dim, proxy_lr_multiplier, shard=shard,
+                         sample_rate=sample_rate, seed=seed)
         self.alpha = float(alpha)
         self.delta = float(delta)
 
     def _compute(self, embeddings: Tensor, labels: Tensor):
+        """Per owned class on this shard, combined by ``shard.sum`` (``nirdml.losses.shard``);
+        ``|P+|`` is counted from the (global) labels, ``C`` is the shard's class total. Under
+        sampling (``sample_rate < 1``) the negative term is normalised by the number of kept
+        classes of all ranks instead of C; the positive term is unchanged (every batch class
+        is kept)."""
+        shard, proxies_raw, labels = self._classes(labels)
         if self.alpha * (1.0 + abs(self.delta)) > _UNSHIFTED_LIMIT:
-            return self._compute_shifted(embeddings, labels)
+            return self._compute_shifted(embeddings, labels, shard, proxies_raw)
         x = F.normalize(embeddings, dim=1)
-        proxies = self._normalized_proxies(x.dtype)
+        proxies = F.normalize(proxies_raw.to(x.dtype), dim=1)
+        num_present = torch.unique(labels).shape[0]
+        mine = shard.owned(labels)
         # positives: each sample against its own proxy only (B dot products), grouped by class
-        own = (x * proxies[labels]).sum(dim=1)
-        present, group = torch.unique(labels, return_inverse=True)
+        local = labels[mine] - shard.lo
+        own = (x[mine] * proxies[local]).sum(dim=1)
+        present, group = torch.unique(local, return_inverse=True)
         per_class = torch.zeros(present.shape[0], dtype=x.dtype, device=x.device).index_add_(
             0, group, torch.exp(-self.alpha * (own - self.delta)))
-        pos = torch.log1p(per_class).sum() / present.shape[0]
+        pos = shard.sum(torch.log1p(per_class).sum()) / num_present
         # negatives: every class against the samples of the other classes, (C, B) contiguous;
         # alpha folded into the (B, D) side of the GEMM, exp(alpha delta) into the row sums
         logits = proxies @ (self.alpha * x).t()
-        neg = _NegativeTerm.apply(logits, labels, math.exp(self.alpha * self.delta))
-        neg = neg / self.num_classes
+        cols = torch.arange(labels.shape[0], device=labels.device)[mine]
+        neg = _NegativeTerm.apply(logits, local, cols, math.exp(self.alpha * self.delta))
+        neg = shard.sum(neg) / shard.num_classes
         return pos + neg, {"pos": pos, "neg": neg}
 
-    def _compute_shifted(self, embeddings: Tensor, labels: Tensor):
-        """The max-shifted (log-sum-exp) form, for scales whose exp() would overflow."""
-        cos = self._cosine(embeddings)  # (B, C)
-        classes = torch.arange(self.num_classes, device=labels.device)
+    def _compute_shifted(self, embeddings: Tensor, labels: Tensor, shard=None,
+                         proxies_raw=None):
+        """The max-shifted (log-sum-exp) form, for scales whose exp() would overflow (the
+        classes of this step from ``_classes`` unless given)."""
+        if shard is None:
+            shard, proxies_raw, labels = self._classes(labels)
+        x = F.normalize(embeddings, dim=1)
+        cos = x @ F.normalize(proxies_raw.to(x.dtype), dim=1).t()  # (B, shard classes)
+        classes = torch.arange(shard.lo, shard.hi, device=labels.device)
         pos_mask = labels[:, None] == classes[None, :]
         pos_lse = _log1p_sum_exp(-self.alpha * (cos - self.delta), pos_mask)
         neg_lse = _log1p_sum_exp(self.alpha * (cos + self.delta), ~pos_mask)
-        num_present = pos_mask.any(dim=0).sum()
-        pos = pos_lse.sum() / num_present  # absent classes contribute log(1) = 0
-        neg = neg_lse.sum() / self.num_classes
+        num_present = torch.unique(labels).shape[0]
+        pos = shard.sum(pos_lse.sum()) / num_present  # absent classes contribute log(1) = 0
+        neg = shard.sum(neg_lse.sum()) / shard.num_classes
         return pos + neg, {"pos": pos, "neg": neg}
 
     def extra_repr(self) -> str:

@@ -42,8 +42,12 @@ class ProxyNCALoss(ProxyLoss):
         distance: str = "squared_euclidean",
         normalize_proxies: bool = True,
         proxy_lr_multiplier: float | None = None,
+        shard=None,
+        sample_rate: float = 1.0,
+        seed: int = 0,
     ):
-        super().__init__(num_classes, embedding_dim, proxy_lr_multiplier)
+        super().__init__(num_classes, embedding_dim, proxy_lr_multiplier, shard=shard,
+                         sample_rate=sample_rate, seed=seed)
         if distance not in _DISTANCES:
             raise ConfigError(f"unknown distance {distance!r}; choose one of {_DISTANCES}")
         if not temperature > 0:
@@ -53,8 +57,9 @@ class ProxyNCALoss(ProxyLoss):
         self.normalize_proxies = bool(normalize_proxies)
 
     def _compute(self, embeddings: Tensor, labels: Tensor):
+        shard, proxies, labels = self._classes(labels)
         e = F.normalize(embeddings, dim=1)
-        p = self.proxies.to(e.dtype)
+        p = proxies.to(e.dtype)
         if self.normalize_proxies:
             p = F.normalize(p, dim=1)
         dot = e @ p.t()
@@ -63,7 +68,7 @@ class ProxyNCALoss(ProxyLoss):
         else:  # ||e||^2 = 1, so ||e - p||^2 = 1 + ||p||^2 - 2 <e, p>
             sq = 1.0 + (p * p).sum(dim=1)[None, :] - 2.0 * dot
             logits = -sq / self.temperature
-        return F.cross_entropy(logits, labels), {}
+        return shard.cross_entropy(logits, labels), {}
 
     def extra_repr(self) -> str:
         return (

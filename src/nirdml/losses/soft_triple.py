@@ -47,6 +47,9 @@ class SoftTripleLoss(ProxyLoss):
         margin: float = 0.01,
         reg_weight: float = 0.2,
         proxy_lr_multiplier: float | None = None,
+        shard=None,
+        sample_rate: float = 1.0,
+        seed: int = 0,
     ):
         if int(centers_per_class) < 1:
             raise ConfigError(f"centers_per_class must be >= 1, got {centers_per_class}")
@@ -57,6 +60,7 @@ class SoftTripleLoss(ProxyLoss):
             embedding_dim,
             proxy_lr_multiplier,
             proxies_per_class=int(centers_per_class),
+            shard=shard, sample_rate=sample_rate, seed=seed,
         )
         self.centers_per_class = int(centers_per_class)
         self.la = float(la)
@@ -64,39 +68,38 @@ class SoftTripleLoss(ProxyLoss):
         self.margin = float(margin)
         self.reg_weight = float(reg_weight)
 
-    def _centre_cosines(self, embeddings: Tensor) -> Tensor:
-        """(B, C, K) cosine similarity of each sample to every centre."""
-        cos = self._cosine(embeddings)
-        return cos.view(-1, self.num_classes, self.centers_per_class)
+    def _centre_cosines(self, embeddings: Tensor, proxies: Tensor) -> Tensor:
+        """(B, C, K) cosine similarity of each sample to every centre of ``proxies``."""
+        cos = F.normalize(embeddings, dim=1) @ F.normalize(proxies.to(embeddings.dtype),
+                                                           dim=1).t()
+        return cos.view(embeddings.shape[0], -1, self.centers_per_class)
 
-    def _regulariser(self, dtype: torch.dtype) -> Tensor:
+    def _regulariser(self, proxies: Tensor, dtype: torch.dtype, shard) -> Tensor:
+        """The centre spread term: a per-class sum on the owner, normalised by the total
+        class count (the kept classes' under sampling)."""
         k = self.centers_per_class
-        centres = self._normalized_proxies(dtype).view(self.num_classes, k, -1)
+        centres = F.normalize(proxies.to(dtype), dim=1).view(-1, k, proxies.shape[1])
         gram = centres @ centres.transpose(1, 2)  # (C, K, K)
         t, s = torch.triu_indices(k, k, offset=1, device=gram.device)
         dist = torch.sqrt(2.0 + REG_EPS - 2.0 * gram[:, t, s])
-        return dist.sum() / (self.num_classes * k * (k - 1))
+        return shard.sum(dist.sum()) / (shard.num_classes * k * (k - 1))
 
     def _compute(self, embeddings: Tensor, labels: Tensor):
-        cos = self._centre_cosines(embeddings)
-        weights = torch.softmax(cos / self.gamma, dim=2)
-        sim = (weights * cos).sum(dim=2)  # (B, C)
-        margin = F.one_hot(labels, self.num_classes).to(sim.dtype) * self.margin
-        ce = F.cross_entropy(self.la * (sim - margin), labels)
+        shard, proxies, labels = self._classes(labels)
+        cos = self._centre_cosines(embeddings, proxies)
+        weights = torch.softmax(cos / self.gamma, dim=2)  # within a class: local
+        sim = (weights * cos).sum(dim=2)  # (B, shard classes)
+        classes = torch.arange(shard.lo, shard.hi, device=labels.device)
+        margin = (labels[:, None] == classes[None, :]).to(sim.dtype) * self.margin
+        ce = shard.cross_entropy(self.la * (sim - margin), labels)  # across classes
         if self.reg_weight > 0 and self.centers_per_class > 1:
-            reg = self.reg_weight * self._regulariser(sim.dtype)
+            reg = self.reg_weight * self._regulariser(proxies, sim.dtype, shard)
         else:
             reg = sim.new_zeros(())
         return ce + reg, {"ce": ce, "reg": reg}
 
     def class_proxies(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        labels = self._check_inputs(embeddings, labels)
-        k = self.centers_per_class
-        with torch.no_grad():
-            dtype = torch.promote_types(embeddings.dtype, torch.float32)
-            own = self._centre_cosines(embeddings.to(dtype))[torch.arange(len(labels)), labels]
-            best = own.argmax(dim=1)  # (B,)
-        return F.normalize(self.proxies[labels * k + best], dim=1)
+        return self._nearest_own_centre(embeddings, labels)
 
     def extra_repr(self) -> str:
         return (

@@ -134,13 +134,17 @@ def build_model(cfg: Config, in_chans: int | None = None) -> nn.Module:
     )
 
 
-def build_criterion(cfg: Config, num_classes: int) -> nn.Module:
-    """The proxy loss, wrapped in :class:`NIRLoss` when ``loss.nir.enabled``."""
+def build_criterion(cfg: Config, num_classes: int, dist=None) -> nn.Module:
+    """The proxy loss, wrapped in :class:`NIRLoss` when ``loss.nir.enabled``. With
+    ``loss.shard`` its proxies are this rank's shard of ``dist`` (``training.sharding``; the
+    whole table on one process or without ``dist``)."""
     from nirdml.losses import build_loss
+    from nirdml.training.sharding import proxy_loss_options
 
     kwargs: dict[str, Any] = dict(cfg.loss.options)
     if cfg.loss.proxy_lr_multiplier is not None:
         kwargs["proxy_lr_multiplier"] = cfg.loss.proxy_lr_multiplier
+    kwargs.update(proxy_loss_options(cfg, num_classes, dist))
     base = build_loss(cfg.loss.name, num_classes=num_classes,
                       embedding_dim=cfg.model.embedding_dim, **kwargs)
     if not cfg.loss.nir.enabled:

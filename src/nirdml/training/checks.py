@@ -24,7 +24,7 @@ DATASET_ARGUMENTS = ("root", "seed", "on_error")
 #: arguments ``build_model`` passes to every backbone factory itself
 BACKBONE_ARGUMENTS = ("pretrained", "weights_path", "in_chans")
 #: arguments ``build_criterion`` passes to every loss itself
-LOSS_ARGUMENTS = ("num_classes", "embedding_dim")
+LOSS_ARGUMENTS = ("num_classes", "embedding_dim", "shard", "sample_rate", "seed")
 
 
 def check_components(cfg: Config) -> None:
@@ -66,6 +66,12 @@ def _check_loss(cfg: Config) -> None:
                  options_key="loss.options", fixed=LOSS_ARGUMENTS)
     if cfg.loss.name in PROXY_LOSSES:
         return
+    if cfg.loss.shard or cfg.loss.sample_rate != 1.0:
+        key = "loss.shard=true" if cfg.loss.shard else f"loss.sample_rate={cfg.loss.sample_rate:g}"
+        raise ConfigError(
+            f"{key} splits or samples class proxies, but loss.name={cfg.loss.name!r} is a "
+            f"pair-based loss without proxies; use a proxy loss ({', '.join(PROXY_LOSSES)}) "
+            f"or set loss.shard=false and loss.sample_rate=1")
     if cfg.loss.nir.enabled:
         raise ConfigError(
             f"loss.nir.enabled=true needs class proxies to condition NIR's flow on, but "

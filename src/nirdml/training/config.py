@@ -102,10 +102,22 @@ class NIRConfig:
 
 @dataclass
 class LossConfig:
-    """The proxy loss (``nirdml.losses``) and, optionally, NIR around it."""
+    """The proxy loss (``nirdml.losses``) and, optionally, NIR around it.
+
+    ``shard``: under ``torchrun``, split the proxies (and their optimiser state) across the
+    ranks by contiguous class ranges, each rank computing its shard's part of the loss with
+    exact distributed reductions (``nirdml.losses.shard``); the loss on one process. Proxies
+    of a sharded run are initialised block by block from ``seed``, the same on any world size.
+    ``sample_rate`` (in (0, 1]): each rank keeps the classes of the global batch that it owns
+    plus a seeded uniform sample of its other classes, up to ``sample_rate`` x its shard
+    (Partial FC's rule; each loss's docstring says how its value changes). Proxy losses only.
+    ``docs/scaling.md`` has the memory and communication model.
+    """
 
     name: str = "proxy_anchor"
     proxy_lr_multiplier: float | None = None
+    shard: bool = False
+    sample_rate: float = 1.0
     options: dict[str, Any] = field(default_factory=dict)
     nir: NIRConfig = field(default_factory=NIRConfig)
 
@@ -273,6 +285,8 @@ class Config:
                 "optim.grad_clip",
                 "> 0 or null",
             ),
+            (0.0 < self.loss.sample_rate <= 1.0, "loss.sample_rate",
+             "in (0, 1] (1: every class, no sampling)"),
             (self.train.epochs >= 1, "train.epochs", ">= 1"),
             (self.train.eval_every >= 1, "train.eval_every", ">= 1"),
             (self.train.max_bad_steps >= 1, "train.max_bad_steps", ">= 1"),

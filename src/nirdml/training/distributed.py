@@ -9,7 +9,8 @@ The proxy loss and NIR are computed on the *global* batch: :class:`GlobalBatchCr
 gathers embeddings and labels from every rank with :func:`gather_with_grad`, whose backward
 sums the gradient that every rank's (identical) loss sends to each local slice. After DDP
 averages the model gradients over ranks, the model, proxy and flow gradients equal those of a
-single process on the same global batch.
+single process on the same global batch. With ``loss.shard`` the proxies are split across
+the ranks instead of replicated (``wrap_criterion``; ``nirdml.training.sharding``).
 """
 
 from __future__ import annotations
@@ -49,6 +50,34 @@ def gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts)
+
+
+class _ScaleGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.factor, None
+
+
+def _scale_shard_gradient(module: nn.Module, args: tuple) -> tuple:
+    """A forward pre-hook for a sharded proxy loss: its input's gradient times the world size
+    of its shard (a no-op for a copy that holds the whole table: ``sharding.dense_copy``).
+
+    Why: a replicated loss sends every rank the whole gradient of the global batch, so the sum
+    in :func:`gather_with_grad`'s backward is ``world`` times it and DDP's average over ranks
+    brings the model gradient back to the single-process one. A sharded loss sends each rank
+    only its shard's part, whose sum over ranks already is the whole gradient; scaling it by
+    ``world`` keeps the same convention, so the DDP average again gives the single-process
+    gradient (and NIR, replicated, keeps its own)."""
+    world = module.shard.world
+    if world == 1:
+        return args
+    embeddings, *rest = args
+    return (_ScaleGradient.apply(embeddings, float(world)), *rest)
 
 
 class GlobalBatchCriterion(nn.Module):
@@ -125,15 +154,31 @@ class DistContext:
                                                    find_unused_parameters=True)
 
     def wrap_criterion(self, criterion: nn.Module) -> nn.Module:
+        """``criterion`` on the global batch, its replicated parameters (flow, margin beta)
+        averaged by DDP. Sharded proxies (``loss.shard``) are left out of DDP (each rank owns
+        other rows and gets their exact gradient from the loss), and the proxy loss's part of
+        the embedding gradient is scaled by the world size (:func:`_scale_shard_gradient`)."""
         if not self.enabled:
             return criterion
-        if not any(p.requires_grad for p in criterion.parameters()):
-            # a pair-based loss without parameters: nothing to synchronise (and DDP refuses
-            # a module without trainable parameters); the embeddings are still gathered
-            return GlobalBatchCriterion(criterion)
+        from nirdml.training.sharding import is_sharded, proxy_loss_of
+
+        wrapped = GlobalBatchCriterion(criterion)
+        ignored = []
+        if is_sharded(criterion):
+            loss = proxy_loss_of(criterion)
+            loss.register_forward_pre_hook(_scale_shard_gradient)
+            ignored = [f"criterion.{name}" for name, p in criterion.named_parameters()
+                       if p is loss.proxies]
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                wrapped, ignored)
+        if not any(p.requires_grad for name, p in wrapped.named_parameters()
+                   if name not in ignored):
+            # a pair-based loss without parameters, or a sharded proxy loss alone: nothing to
+            # synchronise (and DDP refuses a module without trainable parameters); the
+            # embeddings are still gathered
+            return wrapped
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(GlobalBatchCriterion(criterion),
-                                                   device_ids=ids)
+        return nn.parallel.DistributedDataParallel(wrapped, device_ids=ids)
 
     # ---- evaluation helpers ---------------------------------------------------------------
     def shard_dataset(self, dataset):

@@ -39,12 +39,17 @@ _COUNTERS = ("epoch", "batch_in_epoch", "global_step", "best_score", "best_epoch
 
 
 def trainer_state(trainer) -> dict[str, Any]:
-    """Everything a checkpoint of ``trainer`` holds."""
+    """Everything a checkpoint of ``trainer`` holds. Sharded proxies and their optimiser
+    moments are gathered into the dense layout (``training.sharding.dense_states``; collective:
+    every rank calls this when the proxies are sharded)."""
+    from nirdml.training.sharding import dense_states
+
+    criterion, optimizer = dense_states(trainer.criterion, trainer.optimizer)
     return {
         "config": trainer.cfg.to_dict(),
         "model": trainer.model.state_dict(),
-        "criterion": trainer.criterion.state_dict(),
-        "optimizer": trainer.optimizer.state_dict(),
+        "criterion": criterion,
+        "optimizer": optimizer,
         "scheduler": None if trainer.scheduler is None else trainer.scheduler.state_dict(),
         "scaler": trainer.scaler.state_dict(),
         **{name: getattr(trainer, name) for name in _COUNTERS},
@@ -61,12 +66,21 @@ def trainer_state(trainer) -> dict[str, Any]:
 def restore_trainer(trainer, state: dict[str, Any], where: str = "the checkpoint") -> None:
     """Put a checkpoint's state back into ``trainer`` (weights, optimiser, counters, RNG); a
     state that does not fit the trainer raises a one-line CheckpointError."""
-    from nirdml.errors import CheckpointError
+    from nirdml.errors import CheckpointError, ConfigError
+    from nirdml.training.sharding import local_states
 
+    saved_classes = state.get("num_classes")
+    if saved_classes is not None and int(saved_classes) != trainer.splits.train.num_classes:
+        raise ConfigError(
+            f"{where} was trained on {int(saved_classes)} classes but data.name="
+            f"{trainer.cfg.data.name!r} now has {trainer.splits.train.num_classes} training "
+            f"classes; resume with the dataset it was trained on (data.root, data.options)")
     try:
         trainer.model.load_state_dict(state["model"])
-        trainer.criterion.load_state_dict(state["criterion"])
-        trainer.optimizer.load_state_dict(state["optimizer"])
+        criterion, optimizer = local_states(trainer.criterion, trainer.optimizer,
+                                            state["criterion"], state["optimizer"])
+        trainer.criterion.load_state_dict(criterion)
+        trainer.optimizer.load_state_dict(optimizer)
         if trainer.scheduler is not None and state["scheduler"] is not None:
             trainer.scheduler.load_state_dict(state["scheduler"])
         trainer.scaler.load_state_dict(state["scaler"])

@@ -33,6 +33,7 @@ from nirdml.training.epoch_stats import EpochStats
 from nirdml.training.loader import ResilientBatches
 from nirdml.training.resume import check_resume_config
 from nirdml.training.run_dir import RunDir
+from nirdml.training.sharding import dense_copy, is_sharded, proxy_loss_of
 from nirdml.training.signals import stop_requests
 from nirdml.training.sinks import EpochLog
 from nirdml.training.state import restore_trainer, trainer_state
@@ -106,8 +107,9 @@ class Trainer:
         if cfg.model.frozen_backbone:
             self.splits = builders.build_feature_splits(cfg, self.model, self.splits,
                                                         self.device, dist)
-        self.criterion = builders.build_criterion(cfg, self.splits.train.num_classes).to(
-            self.device)
+        self.criterion = builders.build_criterion(cfg, self.splits.train.num_classes,
+                                                  dist).to(self.device)
+        self.proxy_loss = proxy_loss_of(self.criterion)  # draws its negatives per step
         self.optimizer = builders.build_optimizer(cfg, self.model, self.criterion)
         self.scheduler = builders.build_scheduler(cfg, self.optimizer)
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp == "fp16")
@@ -135,9 +137,11 @@ class Trainer:
                 if self.epoch % self.cfg.train.eval_every == 0 or \
                         self.epoch == self.cfg.train.epochs:
                     record.update(self._validate())
-                if self.probe is not None:
-                    record.update(self.probe.metrics(self.model, self.criterion, self.device,
-                                                     self.flow_init))
+                if self.cfg.train.probe_classes:  # the probe runs on the main rank only
+                    probed = dense_copy(self.criterion)  # so sharded proxies are gathered
+                    if self.probe is not None:
+                        record.update(self.probe.metrics(self.model, probed, self.device,
+                                                         self.flow_init))
                 self.log.log(record, self.epoch)
                 self._save("last.pt")
         final = self._final_test()
@@ -234,6 +238,8 @@ class Trainer:
         """One optimisation step; returns False (and changes nothing) if it was non-finite."""
         cfg = self.cfg
         self.optimizer.zero_grad(set_to_none=True)
+        if self.proxy_loss is not None:
+            self.proxy_loss.set_step(self.global_step)  # the negative sample of this step
         with builders.autocast(self.device, cfg.train.amp):
             emb = self.train_model(x)
         loss = self.train_criterion(emb.float(), y)
@@ -341,8 +347,10 @@ class Trainer:
         return trainer_state(self)
 
     def _save(self, name: str) -> None:
+        sharded = is_sharded(self.criterion)  # then every rank gathers its proxies
+        state = self.state_dict() if self.dist.is_main or sharded else None
         if self.dist.is_main:
-            save_checkpoint(self.state_dict(), self.run_dir.checkpoint(name))
+            save_checkpoint(state, self.run_dir.checkpoint(name))
         self.dist.barrier()
 
     def _load_resume_state(self) -> None:
