@@ -197,7 +197,8 @@ def _sharded_worker(rank, world, port, out_path):
             proxies = proxy_loss_of(crit).proxies
             full = dense_states(crit)[0]
             grads = {k: v for k, v in grads.items() if "proxies" not in k}
-            grads["proxies"] = shard.gather_rows(proxies.grad)
+            grads["proxies"] = shard.gather_rows(proxies.grad,
+                                                 per_class=proxy_loss_of(crit).proxies_per_class)
             results[(kind, b)] = {"loss": loss.detach(), "grads": grads,
                                   "proxies": next(v for k, v in full.items()
                                                   if k.endswith("proxies"))}

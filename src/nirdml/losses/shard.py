@@ -128,16 +128,14 @@ class ClassShard:
             labels.shape[0], local_table.shape[1])
         return self.sum(rows * mine[:, None].to(rows.dtype))
 
-    def gather_rows(self, local_rows: Tensor) -> Tensor:
+    def gather_rows(self, local_rows: Tensor, per_class: int = 1) -> Tensor:
         """The whole table on every rank (``per_class`` rows a class, class-major), from each
-        shard's rows; no gradient. For checkpoints and the probe."""
+        shard's rows; no gradient. For checkpoints and the probe. ``per_class`` is given, not
+        inferred, so a rank that owns no class pads to the same shape as the others."""
         local_rows = local_rows.detach()
         if self.is_whole:
             return local_rows.clone()
-        per_class = local_rows.shape[0] // self.size if self.size else None
         sizes = [hi - lo for lo, hi in self.ranges(self.num_classes, self.world)]
-        if per_class is None:  # an empty shard: the per-class count from a shard that has rows
-            per_class = 1
         longest = max(sizes) * per_class
         padded = local_rows.new_zeros((longest, *local_rows.shape[1:]))
         padded[: local_rows.shape[0]] = local_rows

@@ -100,8 +100,12 @@ def dense_states(criterion: nn.Module, optimizer=None) -> tuple[dict, dict | Non
     optimizer_state = None if optimizer is None else optimizer.state_dict()
     if not is_sharded(criterion):
         return criterion_state, optimizer_state
-    shard = proxy_loss_of(criterion).shard
-    return _convert(criterion, optimizer, criterion_state, optimizer_state, shard.gather_rows)
+    loss = proxy_loss_of(criterion)
+
+    def gathered(rows: torch.Tensor) -> torch.Tensor:
+        return loss.shard.gather_rows(rows, per_class=loss.proxies_per_class)
+
+    return _convert(criterion, optimizer, criterion_state, optimizer_state, gathered)
 
 
 def local_states(criterion: nn.Module, optimizer, criterion_state: dict,
@@ -128,7 +132,7 @@ def dense_copy(criterion: nn.Module) -> nn.Module:
     from nirdml.losses.shard import ClassShard
 
     loss = proxy_loss_of(criterion)
-    full = nn.Parameter(loss.shard.gather_rows(loss.proxies.detach()),
+    full = nn.Parameter(loss.shard.gather_rows(loss.proxies, per_class=loss.proxies_per_class),
                         requires_grad=loss.proxies.requires_grad)
     memo = {id(loss.shard): ClassShard.whole(loss.num_classes), id(loss.proxies): full}
     dense = copy.deepcopy(criterion, memo)

@@ -69,10 +69,11 @@ def restore_trainer(trainer, state: dict[str, Any], where: str = "the checkpoint
     from nirdml.errors import CheckpointError, ConfigError
     from nirdml.training.sharding import local_states
 
-    saved_classes = state.get("num_classes")
-    if saved_classes is not None and int(saved_classes) != trainer.splits.train.num_classes:
+    saved_classes = state.get("num_classes")  # not an int: left to the loads below
+    if isinstance(saved_classes, int) and not isinstance(saved_classes, bool) \
+            and saved_classes != trainer.splits.train.num_classes:
         raise ConfigError(
-            f"{where} was trained on {int(saved_classes)} classes but data.name="
+            f"{where} was trained on {saved_classes} classes but data.name="
             f"{trainer.cfg.data.name!r} now has {trainer.splits.train.num_classes} training "
             f"classes; resume with the dataset it was trained on (data.root, data.options)")
     try:
