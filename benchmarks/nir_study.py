@@ -16,6 +16,8 @@ Settings:
     python benchmarks/nir_study.py --setting a --phase test --arms base "disc/dim w=1" \\
         --out runs/nir_study
     python benchmarks/nir_study.py --setting a --phase test --loss proxy_nca --arms base ...
+    python benchmarks/nir_study.py --setting a --phase test --loss norm_softmax \\
+        --arms base "sampled r=0.5" "sampled r=0.1" --out runs/sampling   # the cost of sampling
 
 An arm is a variant name from VARIANTS, optionally with its weight: ``"paper/dim w=0.1"``.
 Finished runs are reused, unfinished ones resume. Writes ``OUT/<setting>/<loss>/<phase>.md``
@@ -76,6 +78,10 @@ VARIANTS: dict[str, list[str]] = {
                        "loss.nir.negatives=1", "loss.nir.cond_mode=dense_embed"],
     # the paper's NLL minus a within-class entropy estimate: KL, which collapse does not lower
     "kl/dim": [*NIR, "loss.nir.mode=kl", "loss.nir.per_dim=true"],
+    # sampled negatives (issue 21): the base loss on the batch's classes plus a uniform sample,
+    # r of all classes in all (single process; docs/scaling.md)
+    "sampled r=0.5": ["loss.nir.enabled=false", "loss.sample_rate=0.5"],
+    "sampled r=0.1": ["loss.nir.enabled=false", "loss.sample_rate=0.1"],
 }
 
 #: the search grid of phase "search" (one seed, validation classes), most promising first; one
@@ -251,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--setting", choices=list(SETTINGS), default="a")
     p.add_argument("--phase", choices=["search", "test"], default="search")
     p.add_argument("--loss", default="proxy_anchor",
-                   choices=["proxy_anchor", "proxy_nca", "soft_triple"])
+                   choices=["proxy_anchor", "proxy_nca", "soft_triple", "norm_softmax"])
     p.add_argument("--arms", nargs="+", default=None,
                    help="arms to run (default: the SEARCH grid for --phase search)")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
