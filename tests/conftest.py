@@ -9,6 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest runs two workers (pyproject.toml): one intra-op thread each keeps them off each
+    # other's core; subprocesses the tests start set OMP_NUM_THREADS themselves
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="module")
 def one_thread():

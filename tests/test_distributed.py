@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from nirdml.losses import ProxyAnchorLoss, build_loss
+from nirdml.losses import PROXY_LOSSES, ProxyAnchorLoss, build_loss
 from nirdml.models import build_model
 from nirdml.nir import NIRLoss
 from nirdml.training.distributed import DistContext
@@ -142,26 +142,34 @@ SHARD_BATCHES = (
 )
 
 
+#: NIR around every proxy loss (SoftTriple and Sub-center ArcFace with 2 centres a class), and
+#: SoftTriple without NIR
+SHARD_KINDS = [f"nir+{name}" for name in PROXY_LOSSES] + ["soft_triple"]
+SHARD_OPTIONS = {"soft_triple": {"centers_per_class": 2}, "subcenter_arcface": {"sub_centers": 2},
+                 "arcface": {"scale": 16.0}, "cosface": {"scale": 16.0}}
+
+
 def _build_sharded(kind, shard=None):
-    """A criterion over SHARD_CLASSES: NIR around ProxyAnchor, or SoftTriple alone (K=2
-    centres per class); with ``shard``, the same parameters cut to that rank's shard."""
-    from nirdml.losses import SoftTripleLoss
+    """A criterion over SHARD_CLASSES (``SHARD_KINDS``); with ``shard``, the same parameters
+    cut to that rank's shard."""
     from nirdml.training.sharding import local_states
+
+    name = kind.removeprefix("nir+")
+
+    def make(**kw):
+        base = build_loss(name, SHARD_CLASSES, 8, **SHARD_OPTIONS.get(name, {}), **kw)
+        if not kind.startswith("nir+"):
+            return base.double()
+        return NIRLoss.from_options(base, weight=0.5, num_blocks=2, subnet_depth=2,
+                                    subnet_width=16).double()
 
     torch.manual_seed(0)
     model = build_model("small_cnn", embedding_dim=8, in_chans=1).double().eval()
-    if kind == "nir":
-        dense = NIRLoss.from_options(ProxyAnchorLoss(SHARD_CLASSES, 8), weight=0.5,
-                                     num_blocks=2, subnet_depth=2, subnet_width=16).double()
-    else:
-        dense = SoftTripleLoss(SHARD_CLASSES, 8, centers_per_class=2).double()
+    torch.manual_seed(1)
+    dense = make()
     if shard is None:
         return model, dense
-    if kind == "nir":
-        crit = NIRLoss.from_options(ProxyAnchorLoss(SHARD_CLASSES, 8, shard=shard), weight=0.5,
-                                    num_blocks=2, subnet_depth=2, subnet_width=16).double()
-    else:
-        crit = SoftTripleLoss(SHARD_CLASSES, 8, centers_per_class=2, shard=shard).double()
+    crit = make(shard=shard)
     crit.load_state_dict(local_states(crit, None, dense.state_dict(), None)[0])
     return model, crit
 
@@ -182,7 +190,7 @@ def _sharded_worker(rank, world, port, out_path):
 
     ctx = DistContext.from_env()
     results = {}
-    for kind in ("nir", "soft_triple"):
+    for kind in SHARD_KINDS:
         for b, labels in enumerate(SHARD_BATCHES):
             shard = ClassShard.split(SHARD_CLASSES, rank, world)
             model, crit = _build_sharded(kind, shard)
@@ -210,14 +218,14 @@ def _sharded_worker(rank, world, port, out_path):
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_proxies_give_single_process_gradients(tmp_path, world):
     """loss.shard under DDP (gloo): loss, model, flow and proxy gradients equal one process's
-    on the same global batch, for NIR around ProxyAnchor and for SoftTriple, with C = 7 not
-    divisible by the world size and a batch whose classes all lie on one shard."""
+    on the same global batch, for NIR around every proxy loss and for SoftTriple alone, with
+    C = 7 not divisible by the world size and a batch whose classes all lie on one shard."""
     out = tmp_path / "shard.pt"
     store = _rendezvous_store()
     mp.spawn(_sharded_worker, args=(world, store.port, str(out)), nprocs=world, join=True)
     got = torch.load(out)
     bad = []
-    for kind in ("nir", "soft_triple"):
+    for kind in SHARD_KINDS:
         for b, labels in enumerate(SHARD_BATCHES):
             model, crit = _build_sharded(kind)
             x, y = _sharded_batch(labels)
@@ -230,7 +238,7 @@ def test_sharded_proxies_give_single_process_gradients(tmp_path, world):
             case = got[(kind, b)]
             torch.testing.assert_close(case["loss"], loss.detach(), rtol=1e-10, atol=0)
             assert case["grads"].keys() == want.keys(), (kind, b)
-            if kind == "nir":
+            if kind.startswith("nir+"):
                 assert any(k.startswith("crit.flow") for k in want)
             torch.testing.assert_close(case["proxies"], next(
                 v for k, v in crit.state_dict().items() if k.endswith("proxies")))
@@ -244,3 +252,56 @@ def test_sharded_proxies_give_single_process_gradients(tmp_path, world):
                 if err > (1e-6 if k.startswith("model.") else 1e-10):
                     bad.append((kind, b, k, err))
     assert not bad, bad
+
+
+# ---- a sharded torchrun run: resumed on another world size, it ends where it would have -------
+#: digits with 7 training classes (not divisible by 2 or 3) and a global batch of 36 = 6 classes
+#: x 6 samples, which splits into equal per-rank batches of whole classes on 1, 2 and 3 ranks
+SHARD_RUN = [*FAST, "train.epochs=2", "data.options.train_classes=7", "data.batch_size=36",
+             "data.samples_per_class=6", "loss.shard=true"]
+
+
+def _final(folder):
+    final = json.loads((folder / "final.json").read_text())
+    epochs = [json.loads(x)["epoch"] for x in (folder / "metrics.jsonl").read_text().splitlines()]
+    return final, epochs
+
+
+@pytest.mark.slow
+def test_sharded_torchrun_run_resumes_on_one_and_on_three_processes(tmp_path):
+    """A 2-rank run with loss.shard (ProxyAnchor + NIR) stopped after epoch 1 and resumed on
+    1 process and on 3 ends with the final metrics of the uninterrupted 2-rank run: the
+    checkpoint holds the whole proxy table and its Adam moments (dense layout), each world
+    size takes its own rows back."""
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    if torchrun is None:
+        pytest.skip("torchrun not found next to the interpreter")
+    sets = sum((["--set", s] for s in SHARD_RUN), [])
+    env = {"TMPDIR": tempfile.gettempdir()}
+
+    def train(nproc, out, *extra):
+        launcher = [sys.executable] if nproc == 1 else [
+            torchrun, "--standalone", f"--nproc_per_node={nproc}"]
+        _run([*launcher, "-m", "nirdml", "train", "--out", str(out), *sets, *extra], env=env)
+
+    train(2, tmp_path / "whole")
+    train(2, tmp_path / "on1", "--set", "train.epochs=1")
+    shutil.copytree(tmp_path / "on1", tmp_path / "on3")
+    train(1, tmp_path / "on1", "--resume")
+    train(3, tmp_path / "on3", "--resume")
+    want, epochs = _final(tmp_path / "whole")
+    assert epochs == [1, 2] and want["recall@1"] > 0.6
+    from nirdml.training.checkpoint import load_checkpoint
+
+    whole = load_checkpoint(tmp_path / "whole/checkpoints/last.pt")
+    for name in ("on1", "on3"):
+        got, epochs = _final(tmp_path / name)
+        assert epochs == [1, 2], name
+        # the same global batches and gradients; only float32 summation order differs
+        for key in ("recall@1", "map@r", "nmi"):
+            assert got[key] == pytest.approx(want[key], abs=0.01), (name, key)
+        resumed = load_checkpoint(tmp_path / name / "checkpoints/last.pt")
+        key = next(k for k in whole["criterion"] if k.endswith("proxies"))
+        assert resumed["criterion"][key].shape == (7, 16)
+        torch.testing.assert_close(resumed["criterion"][key], whole["criterion"][key],
+                                   rtol=1e-3, atol=1e-4, msg=name)
