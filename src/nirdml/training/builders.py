@@ -159,7 +159,8 @@ def build_criterion(cfg: Config, num_classes: int, dist=None) -> nn.Module:
 
 
 def build_optimizer(cfg: Config, model: nn.Module, criterion: nn.Module) -> torch.optim.Optimizer:
-    """Adam/AdamW over backbone, head, proxies and flow, each group with its own lr."""
+    """Adam/AdamW over backbone, head, proxies and flow, each group with its own lr (with
+    ``optim.proxy_update=rows``, the proxies' group updates only rows with a gradient)."""
     o = cfg.optim
     groups = [
         {"name": "backbone", "params": list(model.backbone_parameters()),
@@ -171,6 +172,12 @@ def build_optimizer(cfg: Config, model: nn.Module, criterion: nn.Module) -> torc
     groups = [g for g in groups if g["params"]]
     for g in groups:
         g["initial_lr"] = g["lr"]
+    if o.proxy_update == "rows":   # only the proxy rows that got a gradient move
+        from nirdml.training.row_adam import RowAdam, RowAdamW
+
+        for g in groups:
+            g["rows"] = g["name"] == "proxies"
+        return (RowAdamW if o.name == "adamw" else RowAdam)(groups, lr=o.lr)
     cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
     return cls(groups, lr=o.lr)
 

@@ -66,6 +66,11 @@ def _check_loss(cfg: Config) -> None:
                  options_key="loss.options", fixed=LOSS_ARGUMENTS)
     if cfg.loss.name in PROXY_LOSSES:
         return
+    if cfg.optim.proxy_update != "dense":
+        raise ConfigError(
+            f"optim.proxy_update={cfg.optim.proxy_update!r} updates class proxies, but "
+            f"loss.name={cfg.loss.name!r} is a pair-based loss without proxies; use a proxy "
+            f"loss ({', '.join(PROXY_LOSSES)}) or set optim.proxy_update=dense")
     if cfg.loss.shard or cfg.loss.sample_rate != 1.0:
         key = "loss.shard=true" if cfg.loss.shard else f"loss.sample_rate={cfg.loss.sample_rate:g}"
         raise ConfigError(

@@ -135,6 +135,11 @@ class OptimConfig:
     gamma: float = 0.2
     warmup_epochs: int = 1
     grad_clip: float | None = None
+    #: how the proxies are updated: ``dense`` (torch's Adam/AdamW over every row) or ``rows``
+    #: (only the rows that got a gradient this step: with ``loss.sample_rate`` < 1 the dense
+    #: update over 10^6 rows costs more than the sampled loss; ``nirdml.training.row_adam``,
+    #: a different optimiser: a skipped row keeps its value and moments)
+    proxy_update: Literal["dense", "rows"] = "dense"
 
 
 @dataclass
