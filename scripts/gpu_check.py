@@ -17,6 +17,9 @@ Parts (each timed, each failure recorded, none stops the others):
    (recall@1, MAP@R): wall time and peak GPU memory.
 5. ``omniglot``: one epoch of ``omniglot_pa`` and ``omniglot_pa_nir`` (``--data-root``: the
    Omniglot folder; ``../shared`` is not beside the checkout on a lent GPU machine), images/s.
+6. ``classes``: ``benchmarks/bench_classes.py`` with NCCL on 2 GPUs (replicated against
+   class-sharded proxies, and sharded with 10% sampled negatives, at 10^6 and 10^7 classes,
+   D = 512); skipped on a machine with one GPU (--tiny: 2 gloo processes on the CPU).
 
 Writes ``OUT/gpu_check.json`` and prints a summary. ``--tiny`` shrinks every part (a test runs
 ``--device cpu --tiny`` so that the script cannot rot); without CUDA the GPU-only parts say
@@ -174,8 +177,26 @@ def part_omniglot(args, device) -> dict:
     return out
 
 
+def part_classes(args, device) -> dict:
+    import bench_classes
+
+    out = Path(args.out) / "bench_classes.json"
+    if device.type != "cuda":
+        if not args.tiny:
+            return {"skipped": "needs CUDA (bench_classes.py runs the CPU version itself)"}
+        argv = ["--classes", "3000", "--dims", "16", "--steps", "1", "--optimizer", "adam"]
+    elif torch.cuda.device_count() < 2:
+        return {"skipped": f"class sharding over NCCL needs 2 GPUs; this machine has "
+                           f"{torch.cuda.device_count()}"}
+    else:
+        argv = ["--backend", "nccl", "--device", "cuda", "--classes", "1000000", "10000000",
+                "--dims", "512", "--steps", "5"]
+    bench_classes.main([*argv, "--json", str(out)])
+    return json.loads(out.read_text())
+
+
 PARTS = {"tests": part_tests, "train_step": part_train_step, "flow": part_flow,
-         "evaluation": part_evaluation, "omniglot": part_omniglot}
+         "evaluation": part_evaluation, "omniglot": part_omniglot, "classes": part_classes}
 
 
 def main(argv: list[str] | None = None) -> int:

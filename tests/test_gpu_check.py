@@ -30,4 +30,8 @@ def test_gpu_check_runs_tiny_on_the_cpu(tmp_path):
     assert parts["flow"]["D=32"]["eager"] > 0
     assert 0 < parts["evaluation"]["recall@1"] <= 1
     assert set(parts["omniglot"]) == {"digits", "digits + NIR", "wall_s"}
-    assert "5 parts ok" in res.stdout
+    classes = parts["classes"]["results"][0]
+    assert set(classes["modes"]) == {"replicated", "sharded adam", "sharded r=0.1 adam"}
+    modes = classes["modes"]
+    assert 0 < modes["sharded adam"]["state_bytes"] <= 0.55 * modes["replicated"]["state_bytes"]
+    assert "6 parts ok" in res.stdout

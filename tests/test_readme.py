@@ -4,10 +4,10 @@ front door and the results page cannot rot.
 Blocks are taken from README.md, then from docs/results.md, each in order. A block preceded by
 ``<!-- readme-test: skip: WHY -->`` is not run (only the install lines, which CI itself runs
 through ``.ci/run``, and commands that need data, hardware or hours a test cannot have); every
-other ``bash``/``python`` block runs in one scratch folder shared by all blocks of both files (so
-a later block can use an earlier block's run; the results page's blocks run after the README's),
-with the package's ``nirdml`` on PATH and ``$OMNIGLOT`` pointing at a small synthetic Omniglot in
-the official npz format. The relative links of both files (the README points into the results
+other ``bash``/``python`` block runs as a test of its own, in a scratch folder of its own (so a
+block stands alone, as a reader may run any one of them, and the blocks run in parallel), with
+the package's ``nirdml`` on PATH and ``$OMNIGLOT`` pointing at a small synthetic Omniglot in the
+official npz format. The relative links of both files (the README points into the results
 page for everything that moved there) must name a file that exists and, with ``#anchor``, one of
 its headings.
 """
@@ -28,7 +28,7 @@ FENCE = re.compile(r"(?P<marker><!-- readme-test: (?P<directive>[^>]*?) -->\s*\n
                    r"```(?P<lang>bash|python)\n(?P<code>.*?)```", re.S)
 
 
-DOCS = ("README.md", "docs/results.md")   # run in this order, in one scratch folder
+DOCS = ("README.md", "docs/results.md")
 LINK = re.compile(r"!?\[[^\]]*\]\((?P<target>[^)\s]+)\)")
 
 
@@ -109,8 +109,15 @@ def test_relative_links_resolve():
                     f"{name}: link to a missing heading: {target}")
 
 
+#: the blocks that run: (file, index among all blocks, language, code)
+RUN = [(name, i, lang, code) for i, (name, lang, code, skip) in enumerate(all_blocks())
+       if skip is None]
+
+
 @pytest.mark.slow
-def test_readme_blocks_run_as_written(tmp_path):
+@pytest.mark.parametrize(("name", "index", "lang", "code"), RUN,
+                         ids=[f"{name}:{index}" for name, index, _, _ in RUN])
+def test_block_runs_as_written(name, index, lang, code, tmp_path):
     data = tmp_path / "omniglot"
     data.mkdir()
     _synthetic_omniglot(data)
@@ -120,15 +127,11 @@ def test_readme_blocks_run_as_written(tmp_path):
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
            "OMNIGLOT": str(data), "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg",
            "NIRDML_CACHE": str(tmp_path / "cache")}
-    for i, (name, lang, code, skip) in enumerate(all_blocks()):
-        if skip is not None:
-            continue
-        if lang == "bash":
-            cmd = ["bash", "-euo", "pipefail", "-c", code]
-        else:
-            cmd = [sys.executable, "-c", code]
-        res = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True,
-                             timeout=600)
-        assert res.returncode == 0, (
-            f"{name} block {i} ({lang}) failed:\n{code}\n--- stdout\n{res.stdout[-3000:]}\n"
-            f"--- stderr\n{res.stderr[-3000:]}")
+    if lang == "bash":
+        cmd = ["bash", "-euo", "pipefail", "-c", code]
+    else:
+        cmd = [sys.executable, "-c", code]
+    res = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, (
+        f"{name} block {index} ({lang}) failed:\n{code}\n--- stdout\n{res.stdout[-3000:]}\n"
+        f"--- stderr\n{res.stderr[-3000:]}")

@@ -66,6 +66,8 @@ class _RowUpdates:
             rows = _rows_with_gradient(p.grad)
             if rows.numel() == 0:
                 continue
+            if rows.numel() == p.shape[0]:
+                rows = slice(None)   # every row: the same update on views, without copies
             grad, value = p.grad[rows], p[rows]
             if decay and not decoupled:
                 grad = grad.add(value, alpha=decay)
