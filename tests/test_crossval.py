@@ -271,7 +271,7 @@ def test_baselines_benchmark_refuses_nir_on_a_pair_loss_before_training(tmp_path
 
 
 def test_crossval_on_real_omniglot_resumes_after_sigterm(tmp_path, cache):
-    """The crossval promise as a user meets it: ``nirdml crossval`` with 4 folds on real Omniglot
+    """The crossval promise as a user meets it: ``nirdml crossval`` with 3 folds on real Omniglot
     drawings (the official ``images_background_small1`` zip, 136 classes; a tiny evaluation
     part), stopped by SIGTERM in fold 1, then run again to completion."""
     import os
@@ -288,7 +288,7 @@ def test_crossval_on_real_omniglot_resumes_after_sigterm(tmp_path, cache):
     make_omniglot_part(tmp_path, "images_evaluation", {"Runic": 6}, drawings=4)
     out = tmp_path / "cv"
     argv = [sys.executable, "-m", "nirdml", "crossval", "--config", "omniglot_pa", "--folds",
-            "4", "--out", str(out)]
+            "3", "--out", str(out)]
     for o in [f"data.root={tmp_path}", "data.options={background: images_background_small1}",
               "data.val_fraction=0", "model.embedding_dim=32", "train.epochs=2",
               "train.progress=false", "train.tensorboard=false", "train.probe_classes=0",
@@ -313,6 +313,5 @@ def test_crossval_on_real_omniglot_resumes_after_sigterm(tmp_path, cache):
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((out / "crossval.json").read_text())
-    assert [r["status"] for r in summary["fold_runs"]] == ["reused", "resumed", "trained",
-                                                           "trained"]
+    assert [r["status"] for r in summary["fold_runs"]] == ["reused", "resumed", "trained"]
     assert 0 < summary["test_concatenated"]["recall@1"] <= 1

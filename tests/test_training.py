@@ -300,3 +300,20 @@ def test_resume_refuses_another_config_before_writing_anything(tmp_path, capsys)
     assert "may only grow" in capsys.readouterr().err
     assert main(["train", "--out", str(tmp_path / "nothing"), "--resume"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_checkpoint_of_another_class_count(tmp_path):
+    """A dataset that changed under a run (a class folder added) is named in one line before
+    any weight is loaded, whatever the proxies' layout."""
+    from nirdml.training.state import restore_trainer, trainer_state
+
+    cfg = load_config("digits", [*FAST, "train.epochs=1", "loss.shard=true"])
+    trainer = Trainer(cfg, tmp_path / "run")
+    state = trainer_state(trainer)
+    assert state["num_classes"] == 5
+    before = {k: v.clone() for k, v in trainer.criterion.state_dict().items()}
+    with pytest.raises(ConfigError, match="was trained on 6 classes but data.name='digits' now "
+                                          "has 5 training classes"):
+        restore_trainer(trainer, {**state, "num_classes": 6})
+    assert all(torch.equal(v, trainer.criterion.state_dict()[k]) for k, v in before.items())
+    restore_trainer(trainer, state)   # its own count: accepted

@@ -20,6 +20,12 @@ the softmax cross-entropy over the scaled logits with the margin on the own clas
 ``cos(theta + m)`` is computed as ``cos theta cos m - sin theta sin m`` with ``sin theta =
 sqrt(1 - cos^2 theta)`` floored at 1e-6 (instead of ``acos``): the same values, and finite
 gradients when an embedding coincides with its class weight.
+
+Sampled negatives (``sample_rate < 1``, ``nirdml.losses.shard``): the softmax's denominator
+runs over the kept classes only (every class of the batch plus the uniform sample), so the
+value is the full loss minus, per sample, the log of the kept classes' share of the full
+denominator: never above the full loss, equal to it at ``sample_rate = 1`` (no log(C/kept)
+correction, as in Partial FC). The margin on the own class is unchanged.
 """
 
 from __future__ import annotations

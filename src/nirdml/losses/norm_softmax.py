@@ -2,6 +2,12 @@
 BMVC 2019): softmax cross-entropy over cosine similarities divided by a temperature,
 
     L = -1/B sum_i log softmax_c(cos(e_i, p_c) / T)[y_i].
+
+Sampled negatives (``sample_rate < 1``, ``nirdml.losses.shard``): the softmax's denominator
+runs over the kept classes only (every class of the batch plus the uniform sample), so the
+value is the full loss minus, per sample, the log of the kept classes' share of the full
+denominator: never above the full loss, equal to it at ``sample_rate = 1`` (no log(C/kept)
+correction, as in Partial FC).
 """
 
 from __future__ import annotations

@@ -7,6 +7,12 @@ with e_i the L2-normalised embedding and p_c the proxy (L2-normalised when
 ``normalize_proxies``). The positive proxy stays in the denominator (ProxyNCA++); the original
 ProxyNCA excluded it. For unit vectors ||e - p||^2 = 2 - 2 cos, so "squared_euclidean" at T is
 the same loss as "cosine" at T / 2.
+
+Sampled negatives (``sample_rate < 1``, ``nirdml.losses.shard``): the softmax's denominator
+runs over the kept classes only (every class of the batch plus the uniform sample), so the
+value is the full loss minus, per sample, the log of the kept classes' share of the full
+denominator: never above the full loss, equal to it at ``sample_rate = 1`` (no log(C/kept)
+correction, as in Partial FC).
 """
 
 from __future__ import annotations

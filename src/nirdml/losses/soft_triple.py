@@ -7,6 +7,11 @@ Sampling", ICCV 2019), K centres per class, with the paper's centre regulariser.
     L    = L_ce + tau * R
 
 Centres are stored class-major: rows ``c*K .. c*K+K-1`` of ``proxies`` belong to class c.
+
+Sampled negatives (``sample_rate < 1``, ``nirdml.losses.shard``): ``L_ce``'s softmax over
+classes runs over the kept classes only (every class of the batch plus the uniform sample), so
+``L_ce`` is never above the full one; the within-class softmax over each class's K centres is
+unchanged; ``R`` sums over the kept classes and is normalised by their count instead of C.
 """
 
 from __future__ import annotations
