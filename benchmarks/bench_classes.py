@@ -25,8 +25,9 @@ products, over this machine's one-thread GEMM rate).
     python benchmarks/bench_classes.py --classes 1000000 --dims 128 --steps 5
     python benchmarks/bench_classes.py --backend nccl --device cuda   # scripts/gpu_check.py
 
-A configuration whose replicated run would not fit in this machine's memory (estimated from
-the sizes) is reported as skipped, not run.
+A configuration whose replicated run would not fit in a rank's memory (estimated from the
+sizes; on the CPU the ranks share the machine's) runs sharded only, or is skipped when that
+would not fit either.
 """
 
 from __future__ import annotations
@@ -44,17 +45,14 @@ from pathlib import Path
 
 import torch
 
+from bench_proxy_loss import _sync, gemm_rate
+
 PER_RANK, PER_CLASS = 90, 2
 
 
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def state_bytes(loss, optimizer) -> int:
@@ -150,28 +148,21 @@ def run_job(job: dict, world: int) -> list[dict]:
 
 
 def replicated_bytes_estimate(C: int, D: int, world: int) -> int:
-    """What ``world`` replicated ranks need together: proxies, gradient, two Adam moments, the
-    all-reduce's buffer, and the loss's (B, C) intermediates (about six float32 matrices)."""
+    """What one replicated rank needs: proxies, gradient, two Adam moments, the all-reduce's
+    buffer, and the loss's (B, C) intermediates (about six float32 matrices); a sharded rank
+    needs about 1/world of it."""
     batch = world * PER_RANK
-    return world * (5 * C * D * 4 + 6 * batch * C * 4)
+    return 5 * C * D * 4 + 6 * batch * C * 4
 
 
-def gemm_rate(n: int = 1024, reps: int = 5) -> float:
-    """One thread's float32 GEMM rate on this machine, GFLOP/s (best of ``reps``)."""
-    torch.set_num_threads(1)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    best = float("inf")
-    for _ in range(reps + 1):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best / 1e9
-
-
-def _available_bytes() -> int:
+def room_per_rank(device: str, world: int) -> int:
+    """Bytes one rank may use: its share of the machine's available memory on the CPU (the
+    ranks share it), the free memory of one GPU with CUDA (a GPU a rank)."""
+    if device != "cpu":
+        return torch.cuda.mem_get_info(0)[0]
     with open("/proc/meminfo") as f:
         info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
-    return info["MemAvailable"]
+    return info["MemAvailable"] // world
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.device != "cpu" and torch.cuda.device_count() < args.world:
         print(f"--device {args.device} needs {args.world} GPUs", file=sys.stderr)
         return 2
-    rate = gemm_rate()
+    torch.set_num_threads(1)
+    rate = gemm_rate(torch.device("cpu"), n=1024)
     print(f"torch {torch.__version__}; {args.world} {args.backend} processes, 1 thread each; "
           f"one-thread GEMM rate {rate:.1f} GFLOP/s; batch {args.world} x {PER_RANK}")
     modes = [("replicated", "adam")]
@@ -201,12 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for C in args.classes:
         for D in args.dims:
-            need = replicated_bytes_estimate(C, D, args.world)
-            fits = args.device != "cpu" or need <= 0.85 * _available_bytes()
+            need, room = replicated_bytes_estimate(C, D, args.world), room_per_rank(
+                args.device, args.world)
+            fits = need <= 0.85 * room
             if not fits:   # the sharded runs need about 1/world of it
-                print(f"C={C:,} D={D}: replicated skipped (it needs about "
-                      f"{need / 2**30:.1f} GiB, {_available_bytes() / 2**30:.1f} GiB free)")
-                if need / args.world > 0.85 * _available_bytes():
+                print(f"C={C:,} D={D}: replicated skipped (a rank needs about "
+                      f"{need / 2**30:.1f} GiB, {room / 2**30:.1f} GiB free a rank)")
+                if need / args.world > 0.85 * room:
                     results.append({"classes": C, "dim": D, "skipped": need})
                     continue
             by_mode = {}
@@ -235,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|")
     for res in results:
         if "skipped" in res:
-            print(f"| {res['classes']:,} | {res['dim']} | skipped (replicated needs "
+            print(f"| {res['classes']:,} | {res['dim']} | skipped (a replicated rank needs "
                   f"{res['skipped'] / 2**30:.1f} GiB) | | | | | |")
             continue
         base = res["modes"].get("replicated")

@@ -73,11 +73,13 @@ class _RowUpdates:
                 grad = grad.add(value, alpha=decay)
             if decay and decoupled:
                 value = value.mul(1 - lr * decay)
+            # with a slice these are views, updated in place; with indices, copies written back
             exp_avg = state["exp_avg"][rows].mul_(beta1).add_(grad, alpha=1 - beta1)
             exp_avg_sq = state["exp_avg_sq"][rows].mul_(beta2).addcmul_(grad, grad,
                                                                       value=1 - beta2)
-            state["exp_avg"][rows] = exp_avg
-            state["exp_avg_sq"][rows] = exp_avg_sq
+            if not isinstance(rows, slice):
+                state["exp_avg"][rows] = exp_avg
+                state["exp_avg_sq"][rows] = exp_avg_sq
             bias1, bias2 = 1 - beta1 ** step, 1 - beta2 ** step
             denom = (exp_avg_sq.sqrt() / bias2 ** 0.5).add_(eps)
             p[rows] = value.addcdiv(exp_avg, denom, value=-lr / bias1)
