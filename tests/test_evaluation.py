@@ -514,9 +514,18 @@ def test_cli_evaluate_writes_table_and_json(tmp_path, capsys):
     assert "recall@5" in text and "lone_queries" in text
     got = json.loads(out.read_text())
     expected = evaluate(x, y, metrics=["recall", "map@r", "f1"], query_mask=q, gallery_mask=g,
-                        recall_ks=(1, 5))
-    assert list(got) == list(expected)
+                        recall_ks=(1, 5), fnmr_at_fmr=(1e-2, 1e-3))
+    assert list(got) == list(expected) and "fnmr@fmr=0.001" in text
     assert got == pytest.approx(expected, abs=1e-12)
+    # re-ranked, without the verification rates
+    rc = main(["evaluate", "--embeddings", str(path), "--metrics", "map@r", "--rerank",
+               "dba:n=3", "--fnmr-at-fmr", "--json", str(out)])
+    got = json.loads(out.read_text())
+    assert got == pytest.approx(evaluate(x, y, metrics=["map@r"], query_mask=q, gallery_mask=g,
+                                         rerank="dba:n=3"), abs=1e-12)
+    assert rc == 0 and "fnmr@fmr=0.01" not in got
+    assert main(["evaluate", "--embeddings", str(path), "--rerank", "dba:m=3"]) == 2
+    assert "re-ranking 'dba' takes n, alpha" in capsys.readouterr().err
 
     np.savez(path, embeddings=x)
     assert main(["evaluate", "--embeddings", str(path)]) == 2

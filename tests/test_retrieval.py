@@ -292,6 +292,24 @@ def test_index_and_search_commands(files, tmp_path, capsys):
     assert "fingerprint" in capsys.readouterr().err
     assert main(["index", "info", "--index", str(out)]) == 0
     assert "12 items x 16 dims" in capsys.readouterr().out
+    # a calibrated match decision, and a re-ranked search
+    cal = tmp_path / "cal_index"
+    build = ["index", "build", "--checkpoint", str(files["ckpt"]), "--gallery",
+             str(files["gallery"]), "--out", str(cal), "--device", "cpu"]
+    assert main([*build, "--match-fmr", "2"]) == 2
+    assert "in (0, 1)" in capsys.readouterr().err and not cal.exists()
+    assert main([*build, "--match-fmr", "0.2", "--match-on", str(files["gallery"])]) == 0
+    assert "match decision: cosine >" in capsys.readouterr().out
+    assert main(["search", "--index", str(cal), "--query", query, "-k", "3", "--json",
+                 "--rerank", "dba:n=2"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    threshold = json.loads((cal / "meta.json").read_text())["match"]["threshold"]
+    assert doc["match_threshold"] == threshold and doc["rerank"] == "dba:n=2,alpha=3.0"
+    assert [h["same_item"] for h in doc["queries"][0]["results"]] == \
+        [h["score"] > threshold for h in doc["queries"][0]["results"]]
+    assert main(["search", "--index", str(cal), "--query", query, "--rerank",
+                 "k_reciprocal"]) == 2
+    assert "for evaluate only" in capsys.readouterr().err
 
 
 def test_split_gallery(tmp_path):
@@ -412,3 +430,47 @@ def test_gallery_index_alone_builds_saves_loads_and_searches_like_brute_force(tm
     assert res.hits(0)[0]["class"] == "abcde"[labels[expected[0, 0]]]
     with pytest.raises(InputError, match="larger than the gallery"):
         back.search(queries, k=201)
+
+
+def test_index_match_decision_and_reranked_search(tmp_path):
+    """A calibrated threshold is the verification module's, survives save/load and decides
+    ``same_item``; a re-ranked search equals rerank() for outside queries; damage is refused."""
+    from nirdml.evaluation.rerank import rerank
+    from nirdml.evaluation.verification import fit_threshold
+
+    rng = np.random.default_rng(5)
+    centres = rng.normal(size=(10, 8))
+    labels = np.repeat(np.arange(10), 12)
+    emb = (centres[labels] + 0.7 * rng.normal(size=(120, 8))).astype(np.float32)
+    held = (rng.normal(size=(6, 8))[np.repeat(np.arange(6), 10)]
+            + 0.7 * rng.normal(size=(60, 8))).astype(np.float32)
+    held_labels = np.repeat(np.arange(6), 10)
+    index = GalleryIndex.build(emb, labels)
+    m = index.calibrate(held, held_labels, 0.05, on="held-out")
+    assert m["threshold"] == fit_threshold(held, held_labels, 0.05).threshold
+    assert m["fmr"] <= 0.05 and m["on"] == "held-out"
+    index.save(tmp_path / "idx")
+    back = GalleryIndex.load(tmp_path / "idx")
+    assert back.match == m
+    q = (centres[:4] + 0.7 * rng.normal(size=(4, 8))).astype(np.float32)
+    res = back.search(q, k=5)
+    doc = res.to_dict()
+    assert doc["match_threshold"] == m["threshold"]
+    for hit in doc["queries"][0]["results"]:
+        assert hit["same_item"] == (hit["score"] > m["threshold"])
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    g = back.vectors()
+    for spec, name, params in [("dba:n=3,alpha=1", "dba", {"n": 3, "alpha": 1.0}),
+                               ("alpha_qe", "alpha_qe", {})]:
+        got = back.search(q, k=7, rerank=spec)
+        ids, scores = rerank(name, qn.astype(np.float32), g, 7, **params)
+        np.testing.assert_array_equal(got.ids, ids)
+        np.testing.assert_allclose(got.scores, scores, atol=1e-6)
+        assert got.rerank.startswith(name)
+    with pytest.raises(ConfigError, match="for evaluate only"):
+        back.search(q, k=3, rerank="k_reciprocal")
+    meta = json.loads((tmp_path / "idx" / "meta.json").read_text())
+    meta["match"] = {"target_fmr": 2.0, "threshold": 0.5, "fmr": 0.0, "fnmr": 0.0}
+    (tmp_path / "idx" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="field 'match' must be"):
+        GalleryIndex.load(tmp_path / "idx")

@@ -44,6 +44,8 @@ def format_metrics_table(results: dict, title: str | None = None) -> str:
             lines.append(f"{key:<{width}}  {int(value):>7d}")
         elif value is None or (isinstance(value, float) and math.isnan(value)):
             lines.append(f"{key:<{width}}  {'nan':>7}")
+        elif key.startswith("threshold@"):  # a cosine, not a fraction
+            lines.append(f"{key:<{width}}  {float(value):>7.4f} (cosine)")
         else:
             lines.append(f"{key:<{width}}  {100 * float(value):>7.2f}")
     return "\n".join(lines)

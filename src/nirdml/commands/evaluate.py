@@ -55,6 +55,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--backend", choices=("auto", "faiss", "torch"), default="auto",
         help="neighbour search / k-means backend (auto: faiss when installed)",
     )
+    parser.add_argument(
+        "--rerank", default=None, metavar="NAME[:K=V,...]",
+        help="re-rank the neighbour lists before the ranking metrics: none, alpha_qe, dba or "
+        "k_reciprocal, optionally with parameters, e.g. alpha_qe:n=3,alpha=1 (default: none)",
+    )
+    parser.add_argument(
+        "--fnmr-at-fmr", nargs="*", type=positive_float, default=[1e-2, 1e-3], metavar="F",
+        help="report the false non-match rate (and its cosine threshold) at these target "
+        "false-match rates over all query-gallery pairs (default: 1e-2 1e-3; none: give the "
+        "option without values)",
+    )
     add_device_option(parser, "for the torch backend and for embedding a checkpoint")
     parser.add_argument("--kmeans-seed", type=int, default=0, help="k-means seed")
     parser.add_argument(
@@ -76,6 +87,8 @@ def _evaluate_kwargs(args: argparse.Namespace, metrics=None, recall_ks=None) -> 
         "kmeans_seed": args.kmeans_seed,
         "max_memory_mb": args.max_memory_mb,
         "progress": "evaluate",  # bars on stderr (shown on a terminal)
+        "rerank": args.rerank,
+        "fnmr_at_fmr": tuple(args.fnmr_at_fmr),
     }
 
 
@@ -89,6 +102,11 @@ def run(args: argparse.Namespace) -> int:
     if args.embeddings and args.checkpoint:
         raise ConfigError("pass either --embeddings or --checkpoint, not both")
     resolve_device(args.device, "--device")
+    from nirdml.evaluation.rerank import parse_rerank
+    from nirdml.evaluation.verification import check_rates
+
+    parse_rerank(args.rerank)  # bad names and values fail before any embedding
+    check_rates(args.fnmr_at_fmr)
     if args.json:
         from nirdml.files import check_writable_file
 

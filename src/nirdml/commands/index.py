@@ -44,6 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_batch_size_option(b)
     add_num_workers_option(b)
     add_data_root_option(b)
+    b.add_argument("--match-fmr", type=float, default=None, metavar="F",
+                   help="calibrate the 'same item?' decision: the cosine threshold with false-"
+                        "match rate F (e.g. 1e-3) on --match-on, stored with the index")
+    b.add_argument("--match-on", default="split:val", metavar="GALLERY",
+                   help="labelled images of other classes than the gallery's to calibrate on "
+                        "(as --gallery takes them; default: split:val, the held-out classes)")
     b.add_argument("--on-error", choices=["skip", "fail"], default=None,
                    help="undecodable gallery images: skip them or stop (default: the "
                         "checkpoint's data.on_error)")
@@ -59,15 +65,34 @@ def run(args: argparse.Namespace) -> int:
         r = Retriever.load(args.index, load_model=False)
         print(f"{args.index}: {len(r)} items x {r.dim} dims, {r.spec.to_dict()}")
         print(f"checkpoint: {r.checkpoint}\nfingerprint: {r.fingerprint}\ngallery: {r.source}")
+        m = r.index.match
+        print("match decision: " + ("none (index build --match-fmr F)" if m is None else
+              f"cosine > {m['threshold']:.4f}: FMR {m['fmr']:.2g} (target {m['target_fmr']:g}), "
+              f"FNMR {m['fnmr']:.3f} on {m.get('on')}"))
         return 0
     from nirdml.devices import resolve_device
 
     resolve_device(args.device, "--device")
     spec = IndexSpec(args.type, nlist=args.nlist, nprobe=args.nprobe, m=args.m, nbits=args.nbits)
     check_index_folder(args.out, option="--out")  # refused before minutes of embedding
+    if args.match_fmr is not None:
+        from nirdml.evaluation.verification import check_rates
+        from nirdml.retrieval.gallery import parse_gallery
+
+        check_rates([args.match_fmr])
+        parse_gallery(args.match_on)
     r = Retriever.from_checkpoint(args.checkpoint, args.gallery, spec, device=args.device,
                                   batch_size=args.batch_size, num_workers=args.num_workers,
                                   data_root=args.data_root, on_error=args.on_error)
+    if args.match_fmr is not None:
+        from nirdml.retrieval.gallery import embed_gallery
+
+        held_out = embed_gallery(r.run, args.match_on, args.on_error or
+                                 r.run.config.data.on_error, args.batch_size, args.num_workers)
+        m = r.index.calibrate(held_out.embeddings, held_out.labels, args.match_fmr,
+                              on=args.match_on)
+        print(f"match decision: cosine > {m['threshold']:.4f} (FMR {m['fmr']:.2g}, FNMR "
+              f"{m['fnmr']:.3f} on {args.match_on}, {m['impostor_pairs']} impostor pairs)")
     r.save(args.out, option="--out")
     skipped = r.source.get("skipped") or []
     print(f"indexed {len(r)} gallery items ({r.dim}-d, {r.spec.type}) into {args.out}"

@@ -166,8 +166,10 @@ def _query_gallery(y: np.ndarray, q_mask: np.ndarray, g_mask: np.ndarray):
 
 
 def _ranking(spec, x, y, q_index, g_index, self_pos, r, c, backend, block_size, device,
-             max_bytes, progress: str | None = None) -> dict[str, float]:
-    """Search the neighbours of the non-lone queries block by block and average the metrics."""
+             max_bytes, progress: str | None = None,
+             rerank: tuple[str, dict] | None = None) -> dict[str, float]:
+    """Search the neighbours of the non-lone queries block by block and average the metrics
+    (``rerank``: a re-ranking method's name and parameters, applied to the full query set)."""
     keep = r > 0
     acc = RankingAccumulator(spec.ranking)
     if not keep.any():
@@ -192,6 +194,12 @@ def _ranking(spec, x, y, q_index, g_index, self_pos, r, c, backend, block_size, 
     qs = q_index[keep]
     r_keep, c_keep = r[keep], c[keep]
     g_labels, q_labels = y[g_index], y[qs]
+    if rerank is not None and rerank[0] != "none":
+        from nirdml.evaluation.rerank import rerank as rerank_fn
+
+        table, _ = rerank_fn(rerank[0], x[qs], x[g_index], k, self_pos[keep], **rerank[1])
+        acc.update(g_labels[table] == q_labels[:, None], r_keep, c_keep)
+        return acc.result()
     bar = progress_bar(qs.size, f"{progress}: neighbours", "query") if progress else None
     for start, stop, table in knn_blocks(
         x if qs.size == n else x[qs],
@@ -299,6 +307,8 @@ def evaluate(
     block_size: int | None = None,
     max_memory_mb: float | None = None,
     progress: str | None = None,
+    rerank: str | None = None,
+    fnmr_at_fmr: Sequence[float] = (),
 ) -> dict:
     """Retrieval and clustering metrics of ``embeddings`` (N x D, numpy or torch) on cosine.
 
@@ -329,8 +339,23 @@ def evaluate(
     the query and gallery samples, or collapsed embeddings (``nirdml.embeddings`` module doc:
     every L2-normalised row within ``COLLAPSE_TOLERANCE`` of the first) -- no metric means
     anything there, yet a single class scores 100% and collapsed rows score by tie order.
+
+    ``rerank``: a re-ranking method (``nirdml.evaluation.rerank``: ``"alpha_qe"``,
+    ``"alpha_qe:n=3,alpha=1"``, ``"dba"``, ``"k_reciprocal"``) applied to the neighbour lists
+    before the ranking metrics (clustering is unchanged). ``fnmr_at_fmr``: target false-match
+    rates; each adds ``fnmr@fmr=F`` and ``threshold@fmr=F`` (``nirdml.evaluation.verification``)
+    over the query-gallery pairs.
     """
     spec = parse_metrics(metrics, recall_ks)
+    rerank_spec = None
+    if rerank is not None:
+        from nirdml.evaluation.rerank import parse_rerank
+
+        rerank_spec = parse_rerank(rerank)
+    if fnmr_at_fmr:
+        from nirdml.evaluation.verification import check_rates
+
+        fnmr_at_fmr = check_rates(fnmr_at_fmr)
     _check_sizes(max_memory_mb, block_size)
     if device is not None:
         from nirdml.devices import resolve_device
@@ -350,11 +375,19 @@ def evaluate(
     results: dict = {}
     if spec.ranking:
         results.update(_ranking(spec, x, y, q_index, g_index, self_pos, r, c, backend,
-                                block_size, device, max_bytes, progress))
+                                block_size, device, max_bytes, progress, rerank_spec))
     if spec.clustering:
         results.update(_clustering(spec, x, y, q_mask | g_mask, backend, kmeans_seed,
                                    kmeans_iters, cluster_fn, device, progress))
     ordered = {key: results[key] for key in spec.keys()}
+    if fnmr_at_fmr:
+        from nirdml.evaluation.verification import fnmr_at_fmr as verify
+
+        pairs = verify(x[q_index], y[q_index], x[g_index], y[g_index], fnmr_at_fmr,
+                       same_set=bool((q_mask == g_mask).all()), self_pos=self_pos)
+        for rate, found in pairs.items():
+            ordered[f"fnmr@fmr={rate:g}"] = found.fnmr
+            ordered[f"threshold@fmr={rate:g}"] = found.threshold
     ordered["lone_queries"] = int((r <= 0).sum())
     ordered["num_queries"] = int((r > 0).sum())
     return ordered

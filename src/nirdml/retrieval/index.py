@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import struct
 import time
@@ -61,7 +62,8 @@ class SearchResults:
     """Top-k neighbours of each query: ``ids``, ``scores`` (cosine), ``labels`` ``(Q, k)``.
 
     ``paths[q][j]`` is the gallery file of hit ``j`` of query ``q`` (``None`` when the gallery
-    has no files); ``queries[q]`` names the query (its path) when known.
+    has no files); ``queries[q]`` names the query (its path) when known. With a calibrated
+    ``threshold`` (the index's match decision) every hit says ``same_item``: cosine > it.
     """
 
     ids: np.ndarray
@@ -70,6 +72,8 @@ class SearchResults:
     paths: list[list[str | None]]
     queries: list[str | None] = field(default_factory=list)
     class_names: list[str] | None = None
+    threshold: float | None = None
+    rerank: str = "none"
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -87,13 +91,16 @@ class SearchResults:
                    "label": label, "path": self.paths[q][j]}
             if self.class_names is not None:
                 hit["class"] = self.class_names[label]
+            if self.threshold is not None:
+                hit["same_item"] = bool(hit["score"] > self.threshold)
             out.append(hit)
         return out
 
     def to_dict(self) -> dict[str, Any]:
         names = self.queries or [None] * len(self)
-        return {"k": self.k, "queries": [{"query": names[q], "results": self.hits(q)}
-                                         for q in range(len(self))]}
+        out = {"k": self.k, "rerank": self.rerank, "match_threshold": self.threshold}
+        out["queries"] = [{"query": names[q], "results": self.hits(q)} for q in range(len(self))]
+        return out
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -147,12 +154,16 @@ class IndexOrigin:
 class GalleryIndex:
     """A faiss index over L2-normalised gallery embeddings (row i = item i) with the items'
     ``labels``, optional ``paths`` and ``class_names``, the gallery ``source``, the index
-    ``spec`` and the :class:`IndexOrigin` of the embeddings."""
+    ``spec`` and the :class:`IndexOrigin` of the embeddings; ``match``: the calibrated
+    "same item?" threshold (:meth:`calibrate`)."""
 
     def __init__(self, index, labels: np.ndarray, paths: list[str] | None = None, *,
                  class_names: list[str] | None = None, source: dict[str, Any] | None = None,
-                 spec: IndexSpec | None = None, origin: IndexOrigin | None = None):
+                 spec: IndexSpec | None = None, origin: IndexOrigin | None = None,
+                 match: dict[str, Any] | None = None):
         self.index = index
+        self.match = match  # the calibrated decision (MatchThreshold.to_dict() + "on"), if any
+        self._rerankers: dict[str, Any] = {}
         self.labels = np.asarray(labels, dtype=np.int64)
         self.paths = paths
         self.class_names = class_names
@@ -193,11 +204,37 @@ class GalleryIndex:
             raise CheckpointError(f"checkpoint {str(checkpoint)!r} embeds into {dim} "
                                   f"dimensions, the index holds {self.dim}")
 
+    # ---- match decision --------------------------------------------------------------------
+    def calibrate(self, embeddings: np.ndarray, labels: np.ndarray, fmr: float,
+                  on: str | None = None) -> dict[str, Any]:
+        """Fit the cosine threshold for false-match rate ``fmr`` on labelled ``embeddings`` of
+        other classes than a test set's (the validation classes; ``on`` names them) and keep it
+        as this index's match decision; returns the record stored in ``meta.json``."""
+        from nirdml.evaluation.verification import fit_threshold
+
+        if np.asarray(embeddings).shape[1:] != (self.dim,):
+            raise InputError(f"calibration embeddings must have shape (N, {self.dim}), got "
+                             f"{tuple(np.asarray(embeddings).shape)}")
+        self.match = {**fit_threshold(embeddings, labels, fmr).to_dict(), "on": on}
+        return self.match
+
+    @property
+    def threshold(self) -> float | None:
+        return None if self.match is None else float(self.match["threshold"])
+
+    def vectors(self) -> np.ndarray:
+        """The indexed (normalised) gallery embeddings ``(N, D)``; a flat index only."""
+        if self.spec.type != "flat":
+            raise ConfigError(f"re-ranking needs the gallery vectors, which a {self.spec.type} "
+                              f"index does not keep exactly; build the index with --type flat")
+        return self.index.reconstruct_n(0, len(self))
+
     # ---- search --------------------------------------------------------------------------
     def search(self, embeddings: np.ndarray, k: int = 10,
-               names: list[str | None] | None = None) -> SearchResults:
+               names: list[str | None] | None = None, rerank: str | None = None) -> SearchResults:
         """Top-``k`` gallery items for each row of ``embeddings`` ``(Q, D)`` (normalised here);
-        ``names`` name the queries in the results."""
+        ``names`` name the queries in the results; ``rerank``: ``alpha_qe`` or ``dba`` (with
+        parameters, ``nirdml.evaluation.rerank``; flat indexes), its gallery side built once."""
         emb = np.asarray(embeddings)
         if emb.ndim != 2 or emb.shape[1] != self.dim:
             raise InputError(f"query embeddings must have shape (Q, {self.dim}), "
@@ -207,11 +244,21 @@ class GalleryIndex:
             raise InputError(f"k must be a positive integer, got {k!r}")
         if k > n:
             raise InputError(f"k={k} is larger than the gallery ({n} items); use k <= {n}")
-        scores, ids = search_index(self.index, l2_normalize(emb), int(k))
+        spec = "none"
+        if rerank is not None and rerank.partition(":")[0].strip().lower() != "none":
+            from nirdml.evaluation.rerank import IndexReranker, parse_rerank
+
+            name, params = parse_rerank(rerank)
+            spec = name + ":" + ",".join(f"{key}={value}" for key, value in params.items())
+            if spec not in self._rerankers:
+                self._rerankers[spec] = IndexReranker(spec, self.vectors())
+            ids, scores = self._rerankers[spec].search(l2_normalize(emb), int(k))
+        else:
+            scores, ids = search_index(self.index, l2_normalize(emb), int(k))
         paths = [[None if self.paths is None else self.paths[i] for i in row] for row in ids]
         return SearchResults(ids, scores.astype(np.float32), self.labels[ids], paths,
                              list(names) if names is not None else [None] * emb.shape[0],
-                             self.class_names)
+                             self.class_names, self.threshold, spec)
 
     # ---- persistence ---------------------------------------------------------------------
     def meta(self, checksums: dict[str, str] | None = None) -> dict[str, Any]:
@@ -234,6 +281,7 @@ class GalleryIndex:
             "class_names": self.class_names,
             "paths": _absolute_paths(self.paths),
             "config": o.config,
+            "match": self.match,
         }
         if checksums is not None:
             meta["checksums"] = checksums
@@ -288,7 +336,7 @@ class GalleryIndex:
         spec = IndexSpec(**{k: v for k, v in (meta.get("index") or {}).items()
                             if k in IndexSpec.__dataclass_fields__})
         return cls(index, labels, paths, class_names=names, source=meta.get("gallery"),
-                   spec=spec, origin=IndexOrigin.from_meta(meta))
+                   spec=spec, origin=IndexOrigin.from_meta(meta), match=meta.get("match"))
 
 
 # ---------------------------------------------------------------------------------- folders
@@ -374,6 +422,13 @@ def _is_preprocess(value: Any) -> bool:
         and _optional(_is_input_size)(value.get("input_size"))
 
 
+def _is_match(value: Any) -> bool:
+    numbers = ("target_fmr", "threshold", "fmr", "fnmr")
+    return isinstance(value, dict) and all(
+        isinstance(value.get(f), int | float) and not isinstance(value.get(f), bool)
+        and math.isfinite(value[f]) for f in numbers) and 0 < value["target_fmr"] < 1
+
+
 def _is_checksums(value: Any) -> bool:
     return isinstance(value, dict) and all(isinstance(value.get(f), str)
                                            for f in (INDEX_FILE, LABELS_FILE))
@@ -393,6 +448,7 @@ _META_FIELDS = {
     "class_names": (_optional(_list_of(_is_scalar)), "a list of names or null"),
     "paths": (_optional(_list_of(lambda v: isinstance(v, str))), "a list of paths or null"),
     "config": (_optional(lambda v: isinstance(v, dict)), "an object or null"),
+    "match": (_optional(_is_match), "an object (target_fmr, threshold, fmr, fnmr) or null"),
     "checksums": (_optional(_is_checksums), f"an object with {INDEX_FILE} and {LABELS_FILE}"),
 }
 

@@ -149,9 +149,10 @@ class Retriever:
         """Embed image files (paths) or PIL images; an undecodable file raises InputError."""
         return self._require_run().embed_images(images, self.batch_size, self.preprocessing)
 
-    def search(self, queries: Any, k: int = 10) -> SearchResults:
+    def search(self, queries: Any, k: int = 10, rerank: str | None = None) -> SearchResults:
         """Top-``k`` gallery items for each query: image paths / PIL images (one or a list),
-        a ``(B, C, H, W)`` tensor of preprocessed images, or ``(Q, D)`` embeddings."""
+        a ``(B, C, H, W)`` tensor of preprocessed images, or ``(Q, D)`` embeddings; ``rerank``
+        as :meth:`GalleryIndex.search` takes it."""
         from PIL import Image
 
         if isinstance(queries, str | os.PathLike | Image.Image):
@@ -159,7 +160,7 @@ class Retriever:
         if not isinstance(queries, torch.Tensor | np.ndarray):
             queries = list(queries)
             names = [os.fspath(q) if isinstance(q, str | os.PathLike) else None for q in queries]
-            return self.search_embeddings(self.embed_images(queries), k, names)
+            return self.search_embeddings(self.embed_images(queries), k, names, rerank)
         if queries.ndim == 2:
             emb = queries.detach().cpu() if isinstance(queries, torch.Tensor) else queries
         elif queries.ndim in (3, 4):
@@ -167,12 +168,13 @@ class Retriever:
         else:
             raise InputError(f"queries must be (Q, D) embeddings or (B, C, H, W) images, "
                              f"got shape {tuple(queries.shape)}")
-        return self.search_embeddings(np.asarray(emb), k)
+        return self.search_embeddings(np.asarray(emb), k, rerank=rerank)
 
     def search_embeddings(self, embeddings: np.ndarray, k: int = 10,
-                          names: list[str | None] | None = None) -> SearchResults:
+                          names: list[str | None] | None = None,
+                          rerank: str | None = None) -> SearchResults:
         """Top-``k`` gallery items for each row of ``embeddings`` ``(Q, D)``."""
-        return self._require_index().search(embeddings, k, names)
+        return self._require_index().search(embeddings, k, names, rerank)
 
     # ---- persistence ---------------------------------------------------------------------
     def meta(self) -> dict[str, Any]:
