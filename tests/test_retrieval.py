@@ -474,3 +474,60 @@ def test_index_match_decision_and_reranked_search(tmp_path):
     (tmp_path / "idx" / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ConfigError, match="field 'match' must be"):
         GalleryIndex.load(tmp_path / "idx")
+
+
+def test_index_changes_keep_ids_and_commits_survive_a_crash(tmp_path, monkeypatch):
+    """add/remove/commit: ids stay stable, removed items are never returned, a crash at any
+    write of a commit leaves the previous index loadable, and a rebuild clears old
+    generations."""
+    import nirdml.retrieval.index as index_module
+
+    rng = np.random.default_rng(7)
+    emb = rng.normal(size=(30, 6)).astype(np.float32)
+    index = GalleryIndex.build(emb, np.arange(30) % 3, [f"g{i}.png" for i in range(30)],
+                               class_names=["a", "b", "c"])
+    folder = tmp_path / "idx"
+    index.save(folder)
+    live = GalleryIndex.load(folder)
+    new = rng.normal(size=(2, 6)).astype(np.float32)
+    ids = live.add(new, [live.label_of("d"), live.label_of("a")], ["n0.png", "n1.png"])
+    assert list(ids) == [30, 31] and live.class_names == ["a", "b", "c", "d"]
+    live.remove(4)
+    with pytest.raises(InputError, match="no item 4"):
+        live.remove(4)
+    live.commit(folder)
+    assert {p.name for p in folder.iterdir()} == {"index.1.faiss", "labels.1.npy", "meta.json",
+                                                 ".nirdml"}
+    back = GalleryIndex.load(folder)
+    assert back.num_live == 31 and back.deleted == {4} and back.labels[30] == 3
+    res = back.search(emb[4:5], k=31)
+    assert 4 not in res.ids and sorted(res.ids[0]) == [i for i in range(32) if i != 4]
+    assert back.search(new[:1], k=1).ids[0, 0] == 30
+    # a crash while meta.json is written: the files of generation 2 are there, the index is 1
+    real = index_module.atomic_write_bytes
+
+    def crash_on_meta(path, data):
+        if str(path).endswith("meta.json"):
+            raise OSError("disk full")
+        return real(path, data)
+
+    monkeypatch.setattr(index_module, "atomic_write_bytes", crash_on_meta)
+    back.remove(5)
+    with pytest.raises(ConfigError, match="disk full"):
+        back.commit(folder)
+    monkeypatch.setattr(index_module, "atomic_write_bytes", real)
+    again = GalleryIndex.load(folder)
+    assert again.deleted == {4} and again.generation == 1
+    again.remove(5)
+    again.commit(folder)  # the next commit replaces the orphans of the failed one
+    assert {p.name for p in folder.iterdir()} == {"index.2.faiss", "labels.2.npy", "meta.json",
+                                                 ".nirdml"}
+    assert GalleryIndex.load(folder).deleted == {4, 5}
+    index.save(folder)  # a rebuild: generation 0 again, nothing stale left
+    assert {p.name for p in folder.iterdir()} == {"index.faiss", "labels.npy", "meta.json",
+                                                 ".nirdml"}
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["files"] = {"index": "../x.faiss"}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="field 'files' must be"):
+        GalleryIndex.load(folder)

@@ -300,7 +300,10 @@ def test_evaluate_shows_progress_from_the_cli_and_not_in_library_calls(tmp_path,
         loud = evaluate(x, y, backend=backend, progress="test")
         assert loud == quiet[backend]  # bars change no metric
         written = json.loads((tmp_path / f"{backend}.json").read_text())
+        rates = {k: written.pop(k) for k in list(written) if "@fmr=" in k}  # the CLI's default
         assert written == pytest.approx({k: v for k, v in quiet[backend].items()})
+        assert set(rates) == {"fnmr@fmr=0.01", "threshold@fmr=0.01", "fnmr@fmr=0.001",
+                              "threshold@fmr=0.001"}
     capsys.readouterr()
 
 

@@ -21,6 +21,13 @@ indexes keep the paths they stored) and the sha256 of ``index.faiss`` and ``labe
 corrupt or replaced file is refused before faiss or numpy parse it. Every field of ``meta.json``
 is type-checked on load, so a damaged index ends in a one-line ConfigError, never in another
 exception or a wrong label.
+
+An index that changes after it is built (``nirdml serve --writable``: :meth:`GalleryIndex.add`,
+:meth:`GalleryIndex.remove`, then :meth:`GalleryIndex.commit`) keeps its item ids: a removed
+item is a tombstone (``meta.json``'s ``deleted``) that searches skip. A commit writes the data
+as a new generation (``index.N.faiss``, ``labels.N.npy``, named in ``meta.json``'s ``files``),
+then replaces ``meta.json`` atomically -- the commit point --, then removes the previous
+generation: a crash at any moment leaves a complete index, the old one or the new one.
 """
 
 from __future__ import annotations
@@ -30,8 +37,10 @@ import io
 import json
 import math
 import os
+import re
 import struct
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +59,8 @@ from nirdml.retrieval.faiss_index import (
 )
 
 INDEX_FILE, META_FILE, LABELS_FILE = "index.faiss", "meta.json", "labels.npy"
+#: the data files of a committed generation (the only names besides the three above it writes)
+GENERATION_FILE = re.compile(r"^(index|labels)\.[0-9]{1,12}\.(faiss|npy)$")
 META_VERSION = 1
 OWNED_KIND = "index"  # the kind in the folder's nirdml marker
 _MAX_DIM, _MAX_SIZE = 1 << 20, 1 << 40  # sanity bounds for meta.json's dim and size
@@ -163,6 +174,8 @@ class GalleryIndex:
                  match: dict[str, Any] | None = None):
         self.index = index
         self.match = match  # the calibrated decision (MatchThreshold.to_dict() + "on"), if any
+        self.deleted: set[int] = set()  # tombstones: removed item ids (searches skip them)
+        self.generation = 0  # of the committed data files (0: index.faiss, labels.npy)
         self._rerankers: dict[str, Any] = {}
         self.labels = np.asarray(labels, dtype=np.int64)
         self.paths = paths
@@ -239,7 +252,7 @@ class GalleryIndex:
         if emb.ndim != 2 or emb.shape[1] != self.dim:
             raise InputError(f"query embeddings must have shape (Q, {self.dim}), "
                              f"got {tuple(emb.shape)}")
-        n = len(self)
+        n = self.num_live
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
             raise InputError(f"k must be a positive integer, got {k!r}")
         if k > n:
@@ -251,14 +264,107 @@ class GalleryIndex:
             name, params = parse_rerank(rerank)
             spec = name + ":" + ",".join(f"{key}={value}" for key, value in params.items())
             if spec not in self._rerankers:
-                self._rerankers[spec] = IndexReranker(spec, self.vectors())
-            ids, scores = self._rerankers[spec].search(l2_normalize(emb), int(k))
+                live = self.live_ids()
+                self._rerankers[spec] = (IndexReranker(spec, self.vectors()[live]), live)
+            reranker, live = self._rerankers[spec]
+            ids, scores = reranker.search(l2_normalize(emb), int(k))
+            ids = live[ids]
         else:
-            scores, ids = search_index(self.index, l2_normalize(emb), int(k))
+            want = min(int(k) + len(self.deleted), len(self))
+            scores, ids = search_index(self.index, l2_normalize(emb), want)
+            if self.deleted:  # skip the tombstones, keep the first k others in order
+                alive = ~np.isin(ids, np.fromiter(self.deleted, np.int64))
+                order = np.argsort(~alive, axis=1, kind="stable")[:, :k]
+                ids = np.take_along_axis(ids, order, 1)
+                scores = np.take_along_axis(scores, order, 1)
         paths = [[None if self.paths is None else self.paths[i] for i in row] for row in ids]
         return SearchResults(ids, scores.astype(np.float32), self.labels[ids], paths,
                              list(names) if names is not None else [None] * emb.shape[0],
                              self.class_names, self.threshold, spec)
+
+    # ---- changes ---------------------------------------------------------------------------
+    @property
+    def num_live(self) -> int:
+        """Items a search can return (all but the removed ones)."""
+        return len(self) - len(self.deleted)
+
+    def live_ids(self) -> np.ndarray:
+        keep = np.ones(len(self), bool)
+        keep[np.fromiter(self.deleted, np.int64, len(self.deleted))] = False
+        return np.flatnonzero(keep)
+
+    def add(self, embeddings: np.ndarray, labels: np.ndarray,
+            paths: list[str] | None = None) -> np.ndarray:
+        """Append items (a flat index; rows normalised here); returns their new ids. ``paths``
+        are required when the index has paths, and refused when it has none."""
+        if self.spec.type != "flat":
+            raise ConfigError(f"items can be added to a flat index only (this one is "
+                              f"{self.spec.type}); rebuild it with --type flat")
+        emb = l2_normalize(embeddings)
+        if emb.shape[1] != self.dim:
+            raise InputError(f"new items must be {self.dim}-d, got {emb.shape[1]}-d")
+        labels = np.asarray(labels, np.int64).reshape(-1)
+        if labels.shape[0] != emb.shape[0]:
+            raise InputError(f"{emb.shape[0]} items but {labels.shape[0]} labels")
+        if (paths is None) != (self.paths is None) or (paths is not None
+                                                       and len(paths) != emb.shape[0]):
+            raise InputError("new items need one path each exactly when the index has paths")
+        first = len(self)
+        self.index.add(emb)
+        self.labels = np.concatenate([self.labels, labels])
+        if paths is not None:
+            self.paths = [*self.paths, *map(str, paths)]
+        self._rerankers.clear()
+        return np.arange(first, len(self))
+
+    def label_of(self, name: str) -> int:
+        """The label of class ``name``, a new one (appended to ``class_names``) if unknown;
+        an index without class names takes integer labels (as text)."""
+        if self.class_names is None:
+            try:
+                return int(name)
+            except ValueError:
+                raise InputError(f"this index has integer labels, not class names; got "
+                                 f"{name!r}") from None
+        names = [str(c) for c in self.class_names]
+        if name not in names:
+            self.class_names = [*self.class_names, name]
+            return len(self.class_names) - 1
+        return names.index(name)
+
+    def remove(self, item: int) -> None:
+        """Remove item ``item`` (a tombstone: ids stay stable); InputError if there is none."""
+        if isinstance(item, bool) or not 0 <= int(item) < len(self) or int(item) in self.deleted:
+            raise InputError(f"there is no item {item} in this index")
+        self.deleted.add(int(item))
+        self._rerankers.clear()
+
+    def commit(self, index_dir: str | os.PathLike) -> Path:
+        """Persist the changed index into its folder (an index nirdml wrote) as a new
+        generation, crash-safe (module docstring)."""
+        import faiss
+
+        out = Path(index_dir)
+        claim_folder(out, OWNED_KIND, "index directory", legacy=_is_legacy_index(out))
+        old = _data_files(out)
+        gen = self.generation + 1
+        names = {"index": f"index.{gen}.faiss", "labels": f"labels.{gen}.npy"}
+        try:
+            index_bytes = faiss.serialize_index(self.index).tobytes()
+            labels = io.BytesIO()
+            np.save(labels, self.labels)
+            atomic_write_bytes(out / names["index"], index_bytes)
+            atomic_write_bytes(out / names["labels"], labels.getvalue())
+            checksums = {INDEX_FILE: hashlib.sha256(index_bytes).hexdigest(),
+                         LABELS_FILE: hashlib.sha256(labels.getvalue()).hexdigest()}
+            meta = self.meta(checksums)
+            meta["files"], meta["generation"] = names, gen
+            atomic_write_bytes(out / META_FILE, json.dumps(meta, indent=1).encode())
+        except OSError as exc:
+            raise ConfigError(f"cannot write the index to {str(out)!r}: {exc}") from exc
+        self.generation = gen
+        _remove_stale(out, keep=set(names.values()), also=old)
+        return out
 
     # ---- persistence ---------------------------------------------------------------------
     def meta(self, checksums: dict[str, str] | None = None) -> dict[str, Any]:
@@ -282,6 +388,7 @@ class GalleryIndex:
             "paths": _absolute_paths(self.paths),
             "config": o.config,
             "match": self.match,
+            "deleted": sorted(self.deleted),
         }
         if checksums is not None:
             meta["checksums"] = checksums
@@ -309,6 +416,8 @@ class GalleryIndex:
                                json.dumps(self.meta(checksums), indent=1).encode())
         except OSError as exc:
             raise ConfigError(f"cannot write the index to {str(out)!r}: {exc}") from exc
+        self.generation = 0
+        _remove_stale(out, keep={INDEX_FILE, LABELS_FILE})
         return out
 
     @classmethod
@@ -317,9 +426,10 @@ class GalleryIndex:
         unfinished, of another format, corrupt or inconsistent)."""
         folder = Path(index_dir)
         meta = _read_meta(folder)
-        verified = _verify_checksums(folder, meta.get("checksums"))
-        labels = _read_labels(folder, meta["size"])
-        index = _read_index(folder, meta, verified)
+        files = _files(meta)
+        verified = _verify_checksums(folder, meta.get("checksums"), files)
+        labels = _read_labels(folder / files[LABELS_FILE], meta["size"])
+        index = _read_index(folder / files[INDEX_FILE], meta, verified)
         paths = meta.get("paths")
         sizes = {index.ntotal, labels.shape[0], meta["size"]}
         if len(sizes) != 1 or (paths is not None and len(paths) != index.ntotal) \
@@ -335,8 +445,14 @@ class GalleryIndex:
                               f"rebuild it")
         spec = IndexSpec(**{k: v for k, v in (meta.get("index") or {}).items()
                             if k in IndexSpec.__dataclass_fields__})
-        return cls(index, labels, paths, class_names=names, source=meta.get("gallery"),
-                   spec=spec, origin=IndexOrigin.from_meta(meta), match=meta.get("match"))
+        deleted = meta.get("deleted") or []
+        if any(not 0 <= d < index.ntotal for d in deleted):
+            raise ConfigError(f"{str(folder)!r} is inconsistent (a removed item id is not in "
+                              f"the index); rebuild it")
+        out = cls(index, labels, paths, class_names=names, source=meta.get("gallery"),
+                  spec=spec, origin=IndexOrigin.from_meta(meta), match=meta.get("match"))
+        out.deleted, out.generation = set(deleted), int(meta.get("generation") or 0)
+        return out
 
 
 # ---------------------------------------------------------------------------------- folders
@@ -347,6 +463,32 @@ def _absolute_paths(paths: list[str] | None) -> list[str] | None:
         return None
     return [p if os.path.isabs(p) or not os.path.lexists(p) else os.path.abspath(p)
             for p in map(str, paths)]
+
+
+def _files(meta: dict[str, Any]) -> dict[str, str]:
+    """The data file of each role (keyed by the generation-0 names) ``meta.json`` names."""
+    named = meta.get("files") or {}
+    return {INDEX_FILE: named.get("index", INDEX_FILE),
+            LABELS_FILE: named.get("labels", LABELS_FILE)}
+
+
+def _data_files(folder: Path) -> set[str]:
+    """The data files of the index ``folder`` holds now (none when it holds none)."""
+    try:
+        meta = json.loads((folder / META_FILE).read_text())
+        return set(_files(meta).values()) if isinstance(meta, dict) and \
+            _is_files(meta.get("files", {})) else set()
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return set()
+
+
+def _remove_stale(folder: Path, keep: set[str], also: Iterable[str] = ()) -> None:
+    """Remove the data files of earlier generations (names nirdml writes, in a folder it
+    owns), and the generation-0 files in ``also``, but never one in ``keep``."""
+    stale = {p.name for p in folder.iterdir() if GENERATION_FILE.match(p.name)}
+    stale |= {name for name in also if name in (INDEX_FILE, LABELS_FILE)}
+    for name in stale - keep:
+        (folder / name).unlink(missing_ok=True)
 
 
 def _is_legacy_index(folder: Path) -> bool:
@@ -371,10 +513,9 @@ def check_index_folder(folder: str | os.PathLike, option: str = "index directory
 def _read_meta(folder: Path) -> dict[str, Any]:
     if not folder.is_dir():
         raise ConfigError(f"index directory {str(folder)!r} does not exist; {_HINT}")
-    missing = [f for f in (META_FILE, INDEX_FILE, LABELS_FILE) if not (folder / f).is_file()]
-    if missing:
+    if not (folder / META_FILE).is_file():
         raise ConfigError(f"{str(folder)!r} is not a (complete) index directory: missing "
-                          f"{', '.join(missing)}; {_HINT}")
+                          f"{META_FILE}; {_HINT}")
     try:
         meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
         if not isinstance(meta, dict):
@@ -387,6 +528,10 @@ def _read_meta(folder: Path) -> dict[str, Any]:
         raise ConfigError(f"{str(folder)!r} has index format {meta.get('format_version')!r}, "
                           f"this nirdml reads format {META_VERSION}; rebuild it")
     _check_meta_types(meta, folder / META_FILE)
+    missing = [f for f in _files(meta).values() if not (folder / f).is_file()]
+    if missing:
+        raise ConfigError(f"{str(folder)!r} is not a (complete) index directory: missing "
+                          f"{', '.join(missing)}; {_HINT}")
     return meta
 
 
@@ -429,6 +574,12 @@ def _is_match(value: Any) -> bool:
         and math.isfinite(value[f]) for f in numbers) and 0 < value["target_fmr"] < 1
 
 
+def _is_files(value: Any) -> bool:
+    return isinstance(value, dict) and set(value) <= {"index", "labels"} and all(
+        isinstance(v, str) and GENERATION_FILE.match(v) and v.startswith(k)
+        for k, v in value.items())
+
+
 def _is_checksums(value: Any) -> bool:
     return isinstance(value, dict) and all(isinstance(value.get(f), str)
                                            for f in (INDEX_FILE, LABELS_FILE))
@@ -449,6 +600,10 @@ _META_FIELDS = {
     "paths": (_optional(_list_of(lambda v: isinstance(v, str))), "a list of paths or null"),
     "config": (_optional(lambda v: isinstance(v, dict)), "an object or null"),
     "match": (_optional(_is_match), "an object (target_fmr, threshold, fmr, fnmr) or null"),
+    "deleted": (_optional(_list_of(lambda v: _is_int(v) and v >= 0)),
+                "a list of item ids or null"),
+    "files": (_optional(_is_files), "an object naming index.N.faiss and labels.N.npy"),
+    "generation": (_optional(lambda v: _is_int(v) and v >= 0), "a non-negative integer"),
     "checksums": (_optional(_is_checksums), f"an object with {INDEX_FILE} and {LABELS_FILE}"),
 }
 
@@ -463,19 +618,21 @@ def _check_meta_types(meta: dict[str, Any], path: Path) -> None:
                               f"index is damaged: rebuild it")
 
 
-def _verify_checksums(folder: Path, checksums: dict[str, str] | None) -> bool:
-    """Compare the index's files with the sha256 meta.json recorded (ConfigError on a
-    mismatch); False when meta.json has none (an index of an older nirdml)."""
+def _verify_checksums(folder: Path, checksums: dict[str, str] | None,
+                      files: dict[str, str]) -> bool:
+    """Compare the index's files (``files``: role -> file name) with the sha256 meta.json
+    recorded (ConfigError on a mismatch); False when it has none (an older nirdml's index)."""
     if checksums is None:
         return False
-    for name in (INDEX_FILE, LABELS_FILE):
+    for role in (INDEX_FILE, LABELS_FILE):
+        name = files[role]
         try:
             with open(folder / name, "rb") as fh:
                 digest = hashlib.file_digest(fh, "sha256").hexdigest()
         except OSError as exc:
             raise ConfigError(f"{str(folder / name)!r} cannot be read "
                               f"({exc.strerror or exc}); rebuild the index") from None
-        if digest != checksums[name]:
+        if digest != checksums[role]:
             raise ConfigError(f"{str(folder / name)!r} does not match the checksum in "
                               f"{META_FILE} (corrupt or replaced); rebuild the index")
     return True
@@ -502,10 +659,9 @@ def _check_legacy_flat(path: Path, meta: dict[str, Any]) -> None:
                           f"{META_FILE} describes (corrupt); rebuild the index")
 
 
-def _read_index(folder: Path, meta: dict[str, Any], verified: bool):
+def _read_index(path: Path, meta: dict[str, Any], verified: bool):
     import faiss
 
-    path = folder / INDEX_FILE
     if not verified and (meta.get("index") or {}).get("type", "flat") == "flat":
         _check_legacy_flat(path, meta)
     try:
@@ -516,10 +672,9 @@ def _read_index(folder: Path, meta: dict[str, Any], verified: bool):
                           f"rebuild it") from None
 
 
-def _read_labels(folder: Path, size: int) -> np.ndarray:
-    """The int64 labels of ``labels.npy``: a 1-d integer array of ``size`` entries, its header
-    checked before any data is read."""
-    path = folder / LABELS_FILE
+def _read_labels(path: Path, size: int) -> np.ndarray:
+    """The int64 labels of ``labels.npy`` (``path``): a 1-d integer array of ``size``
+    entries, its header checked before any data is read."""
     fmt = np.lib.format
     try:
         with open(path, "rb") as fh:
