@@ -16,7 +16,7 @@ from nirdml import __version__
 from nirdml.errors import NirdmlError
 
 COMMANDS = ("train", "crossval", "tune", "evaluate", "embed", "analyze", "index", "search",
-            "export", "report", "upgrade-checkpoint")
+            "serve", "export", "report", "upgrade-checkpoint")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

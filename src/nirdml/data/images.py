@@ -18,6 +18,7 @@ import torch
 
 from nirdml.data.image_files import (
     IMAGE_EXTENSIONS,
+    MAX_IMAGE_PIXELS,
     apply_pixel_limit,
     exceeds_pixel_limit,
     too_large,
@@ -25,7 +26,40 @@ from nirdml.data.image_files import (
 from nirdml.data.preprocessing import ImagePrep
 from nirdml.errors import InputError
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFileDataset", "collate_skipping_bad", "load_image"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageFileDataset", "collate_skipping_bad", "decode_image",
+           "load_image"]
+
+
+def decode_image(data: bytes, in_chans: int = 3, max_pixels: int | None = None,
+                 name: str = "the upload"):
+    """Fully decode image bytes (an upload) as :func:`load_image` decodes a file, in ``L`` or
+    ``RGB`` mode; ``max_pixels`` lowers the pixel limit. InputError for no bytes, bytes that
+    are not an image, and an image over the limit (refused from its header, before decoding)."""
+    import io
+
+    from PIL import Image
+
+    if not data:
+        raise InputError(f"{name} is empty (0 bytes); send the image file's bytes")
+    apply_pixel_limit()
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else min(int(max_pixels), MAX_IMAGE_PIXELS)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                if exceeds_pixel_limit(img.size) or img.size[0] * img.size[1] > limit:
+                    raise InputError(f"{name} is too large ({img.size[0]} x {img.size[1]} "
+                                     f"pixels, the limit is {limit:,}); send a smaller image")
+                img.load()
+                return img.convert("L" if in_chans == 1 else "RGB")
+    except Image.DecompressionBombError:
+        raise InputError(f"{name} is {too_large()}; send a smaller image") from None
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - PIL's decoders raise many types for bad bytes
+        text = str(exc).splitlines()[0] if str(exc) else "corrupt"
+        raise InputError(f"{name} is not a decodable image ({type(exc).__name__}: {text}); "
+                         f"send a PNG, JPEG, BMP, GIF or WebP file") from None
 
 
 def load_image(path: str | os.PathLike, in_chans: int = 3):
