@@ -39,6 +39,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("analysis/inference", ("nirdml.analysis", "nirdml.inference")),
     ("retrieval/export/reports/selection", ("nirdml.retrieval", "nirdml.export",
                                             "nirdml.reports", "nirdml.selection")),
+    # the search service: a retriever behind HTTP
+    ("serve", ("nirdml.serve",)),
     ("commands", ("nirdml.commands", "nirdml.cli", "nirdml.__main__")),
 ]
 
