@@ -30,6 +30,34 @@ __all__ = ["IMAGE_EXTENSIONS", "ImageFileDataset", "collate_skipping_bad", "deco
            "load_image"]
 
 
+def _decode(source, in_chans: int, limit: int, too_big, undecodable):
+    """Open ``source`` (a path or a file object) with PIL and fully decode it in ``L`` or
+    ``RGB`` mode under ``limit`` pixels, checked from the header before decoding; the
+    InputError messages come from ``too_big(size or None)`` and ``undecodable(exc)``."""
+    from PIL import Image
+
+    apply_pixel_limit()
+    try:
+        with warnings.catch_warnings():
+            # PIL warns between the limit and twice the limit; the size check below refuses
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(source) as img:
+                if exceeds_pixel_limit(img.size) or img.size[0] * img.size[1] > limit:
+                    raise InputError(too_big(img.size))
+                img.load()
+                return img.convert("L" if in_chans == 1 else "RGB")
+    except Image.DecompressionBombError:
+        raise InputError(too_big(None)) from None
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - PIL's decoders raise many types for bad bytes
+        raise InputError(undecodable(exc)) from None
+
+
+def _first_line(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'corrupt'}"
+
+
 def decode_image(data: bytes, in_chans: int = 3, max_pixels: int | None = None,
                  name: str = "the upload"):
     """Fully decode image bytes (an upload) as :func:`load_image` decodes a file, in ``L`` or
@@ -37,29 +65,19 @@ def decode_image(data: bytes, in_chans: int = 3, max_pixels: int | None = None,
     are not an image, and an image over the limit (refused from its header, before decoding)."""
     import io
 
-    from PIL import Image
-
     if not data:
         raise InputError(f"{name} is empty (0 bytes); send the image file's bytes")
-    apply_pixel_limit()
     limit = MAX_IMAGE_PIXELS if max_pixels is None else min(int(max_pixels), MAX_IMAGE_PIXELS)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                if exceeds_pixel_limit(img.size) or img.size[0] * img.size[1] > limit:
-                    raise InputError(f"{name} is too large ({img.size[0]} x {img.size[1]} "
-                                     f"pixels, the limit is {limit:,}); send a smaller image")
-                img.load()
-                return img.convert("L" if in_chans == 1 else "RGB")
-    except Image.DecompressionBombError:
-        raise InputError(f"{name} is {too_large()}; send a smaller image") from None
-    except InputError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - PIL's decoders raise many types for bad bytes
-        text = str(exc).splitlines()[0] if str(exc) else "corrupt"
-        raise InputError(f"{name} is not a decodable image ({type(exc).__name__}: {text}); "
-                         f"send a PNG, JPEG, BMP, GIF or WebP file") from None
+
+    def too_big(size):
+        if size is None:
+            return f"{name} is {too_large()}; send a smaller image"
+        return (f"{name} is too large ({size[0]} x {size[1]} pixels, the limit is "
+                f"{limit:,}); send a smaller image")
+
+    return _decode(io.BytesIO(data), in_chans, limit, too_big,
+                   lambda exc: f"{name} is not a decodable image ({_first_line(exc)}); send a "
+                               f"PNG, JPEG, BMP, GIF or WebP file")
 
 
 def load_image(path: str | os.PathLike, in_chans: int = 3):
@@ -68,32 +86,15 @@ def load_image(path: str | os.PathLike, in_chans: int = 3):
     Raises InputError for a missing file, one that cannot be decoded, or one whose header claims
     more than :data:`~nirdml.data.image_files.MAX_IMAGE_PIXELS` pixels (refused before decoding).
     """
-    from PIL import Image
-
     path = Path(path)
     if not path.is_file():
         raise InputError(f"image {str(path)!r} does not exist or is not a file")
-    apply_pixel_limit()
-    try:
-        with warnings.catch_warnings():
-            # PIL warns between the limit and twice the limit; the size check below refuses
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                if exceeds_pixel_limit(img.size):
-                    raise InputError(f"image {str(path)!r} is {too_large(img.size)}; use a "
-                                     f"smaller image")
-                img.load()
-                return img.convert("L" if in_chans == 1 else "RGB")
-    except Image.DecompressionBombError:
-        raise InputError(f"image {str(path)!r} is {too_large()}; use a smaller image") from None
-    except InputError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - PIL's decoders raise many types for a bad file
-        text = str(exc).splitlines()[0] if str(exc) else "corrupt"
-        raise InputError(
-            f"cannot decode image {str(path)!r} ({type(exc).__name__}: {text}); "
-            f"use a readable {'/'.join(e[1:] for e in IMAGE_EXTENSIONS[:5])}... file"
-        ) from None
+    shown = repr(str(path))
+    return _decode(path, in_chans, MAX_IMAGE_PIXELS,
+                   lambda size: f"image {shown} is {too_large(size)}; use a smaller image",
+                   lambda exc: f"cannot decode image {shown} ({_first_line(exc)}); use a "
+                               f"readable {'/'.join(e[1:] for e in IMAGE_EXTENSIONS[:5])}... "
+                               f"file")
 
 
 class ImageFileDataset(torch.utils.data.Dataset):
