@@ -185,6 +185,35 @@ def test_concurrent_clients_are_batched_and_get_their_own_answers(servers):
     assert batches < 24, batches  # several uploads shared a forward pass
 
 
+def test_one_batch_of_mixed_k_and_rerank_answers_each_job_as_its_own_search(servers):
+    from nirdml.data.images import decode_image
+    from nirdml.errors import InputError
+    from nirdml.serve.app import HTTPProblem, SearchService
+
+    r = servers["retriever"]
+    service = SearchService(r, servers["index"])
+    plain_search = service.search
+
+    def search(emb, k, rerank):  # one group fails: only its job gets the error
+        if rerank == "alpha_qe:n=3":
+            raise InputError("this group fails")
+        return plain_search(emb, k, rerank)
+
+    service.search = search
+    paths = r.index.paths[:6]
+    images = [decode_image(Path(p).read_bytes(), 3, 10**6) for p in paths]
+    specs = [(3, None), (5, "dba:n=2"), (1, None), (4, "alpha_qe:n=2"), (2, "dba:n=2"),
+             (2, "alpha_qe:n=3")]
+    docs = service.search_images([(im, k, rr) for im, (k, rr) in zip(images, specs)])
+    for path, (k, rr), doc in zip(paths[:5], specs, docs):
+        expect = r.index.search(r.embed_images([path]), k, rerank=rr)
+        hits = doc["queries"][0]["results"]
+        assert doc["k"] == k and [h["id"] for h in hits] == expect.ids[0].tolist()
+        assert [h["score"] for h in hits] == pytest.approx(expect.scores[0].tolist(), abs=1e-5)
+    assert isinstance(docs[5], HTTPProblem) and docs[5].status == 400
+    assert str(docs[5]) == "this group fails"
+
+
 def test_the_page_renders_neighbours_in_headless_chromium(servers, tmp_path):
     from PIL import Image
 

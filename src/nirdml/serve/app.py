@@ -18,7 +18,9 @@ and the server keeps serving):
 Uploads are read up to ``max_upload_bytes`` (413 past it, before decoding) and decoded under
 ``max_pixels`` (:func:`~nirdml.data.images.decode_image`). The model and the index are used
 from one thread only (``executor``), so requests never race on them; concurrent image queries
-are embedded together (:class:`~nirdml.serve.batching.QueryBatcher`).
+are embedded in one forward pass and searched in one index call
+(:class:`~nirdml.serve.batching.QueryBatcher`). Uploads are decoded in their own threads
+(``decoder``), beside the model's.
 """
 
 from __future__ import annotations
@@ -64,8 +66,8 @@ class SearchService:
         self.writable, self.rerank = writable, rerank
         self.max_upload_bytes, self.max_pixels, self.max_k = max_upload_bytes, max_pixels, max_k
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nirdml-model")
-        self.batcher = QueryBatcher(retriever.embed_images, self.executor, max_batch,
-                                    batch_wait_s)
+        self.decoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="nirdml-decode")
+        self.batcher = QueryBatcher(self.search_images, self.executor, max_batch, batch_wait_s)
         self.roots = self._gallery_roots()
         self._thumbs: dict[int, bytes] = {}
 
@@ -87,12 +89,14 @@ class SearchService:
         """``fn(*args)`` in the model thread."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    def decode(self, data: bytes):
+    async def decode(self, data: bytes):
+        """The uploaded image ``data``, decoded in a decoder thread (4xx on a bad upload)."""
         from nirdml.data.images import decode_image
 
         in_chans = self.retriever.preprocessing.in_chans
         try:
-            return decode_image(data, in_chans, self.max_pixels)
+            return await asyncio.get_running_loop().run_in_executor(
+                self.decoder, decode_image, data, in_chans, self.max_pixels)
         except NirdmlError as exc:
             status = 413 if "too large" in str(exc) else 400 if "empty" in str(exc) else 415
             raise HTTPProblem(status, str(exc)) from None
@@ -107,15 +111,35 @@ class SearchService:
         return min(k, self.index.num_live)
 
     def search(self, emb: np.ndarray, k: int, rerank: str | None) -> dict[str, Any]:
-        res = self.index.search(emb, k, rerank=rerank)
-        doc = res.to_dict()
-        names = self.index.class_names
+        """The JSON document of the top-``k`` hits of each row of ``emb``."""
+        doc = self.index.search(emb, k, rerank=rerank).to_dict()
         for query in doc["queries"]:
             for hit in query["results"]:
                 hit["thumbnail"] = f"/items/{hit['id']}/thumbnail"
-                if names is not None and "class" not in hit:
-                    hit["class"] = names[hit["label"]]
         return doc
+
+    def search_images(self, jobs: list[tuple[Any, int, str | None]]) -> list[Any]:
+        """One document per ``(image, k, rerank)`` job: the images embedded in one forward pass,
+        the queries of each re-ranking searched in one index call (top-``max k``, cut to each
+        job's ``k``: a top-k list is the prefix of a longer one). A group that fails gives its
+        jobs the exception (``QueryBatcher`` raises it to those requests only)."""
+        emb = self.retriever.embed_images([image for image, _, _ in jobs])
+        docs: list[Any] = [None] * len(jobs)
+        groups: dict[str | None, list[int]] = {}
+        for i, (_, _, rerank) in enumerate(jobs):
+            groups.setdefault(rerank, []).append(i)
+        for rerank, rows in groups.items():
+            try:
+                doc = self.search(emb[rows], max(jobs[i][1] for i in rows), rerank)
+            except NirdmlError as exc:
+                for i in rows:
+                    docs[i] = HTTPProblem(400, str(exc))
+                continue
+            for i, query in zip(rows, doc.pop("queries"), strict=True):
+                k = jobs[i][1]
+                docs[i] = {**doc, "k": k, "queries": [{**query,
+                                                         "results": query["results"][:k]}]}
+        return docs
 
     def thumbnail(self, item: int) -> bytes:
         from PIL import Image
@@ -237,13 +261,12 @@ def create_app(service: SearchService):
             if emb.ndim != 2 or emb.shape[1] != service.index.dim or not emb.size:
                 raise HTTPProblem(400, f"embeddings must have shape (Q, {service.index.dim}), "
                                        f"got {tuple(emb.shape)}")
-        else:
-            image = await service.run(service.decode, body)
-            emb = (await service.batcher.embed(image))[None, :]
-        try:
-            doc = await service.run(service.search, emb, k, rerank)
-        except NirdmlError as exc:
-            raise HTTPProblem(400, str(exc)) from None
+            try:
+                doc = await service.run(service.search, emb, k, rerank)
+            except NirdmlError as exc:
+                raise HTTPProblem(400, str(exc)) from None
+        else:  # an image: embedded and searched in a batch with the other waiting uploads
+            doc = await service.batcher.submit((await service.decode(body), k, rerank))
         doc["milliseconds"] = round(1000 * (time.perf_counter() - start), 2)
         return JSONResponse(doc)
 
@@ -269,7 +292,7 @@ def create_app(service: SearchService):
         if not name:
             raise HTTPProblem(400, "name the new item's class: POST /items?class=NAME")
         body = await read_body(request, service.max_upload_bytes)
-        image = await service.run(service.decode, body)
+        image = await service.decode(body)
         try:
             return JSONResponse(await service.run(service.add, body, image, name),
                                 status_code=201)

@@ -1,10 +1,13 @@
-"""``QueryBatcher``: embeds the images of concurrent requests in one forward pass.
+"""``QueryBatcher``: runs the jobs of concurrent requests as one batch (one forward pass, one
+index search).
 
-Each request hands its decoded image to :meth:`QueryBatcher.embed` and awaits its embedding.
-One worker task takes the first waiting image, then keeps collecting until ``max_batch``
-images or ``max_wait_s`` have passed, and runs the model once on all of them in the server's
-single model thread (``executor``), so throughput grows with load while a lone request waits at
-most ``max_wait_s`` extra. ``max_batch = 1`` embeds one image at a time (the benchmark's peer).
+Each request hands its job (for ``nirdml serve``: a decoded image, its ``k`` and re-ranking) to
+:meth:`QueryBatcher.submit` and awaits its result. One worker task takes the first waiting job,
+then keeps collecting until ``max_batch`` jobs or ``max_wait_s`` have passed, and hands them all
+to ``handle_batch`` in the server's single model thread (``executor``), so throughput grows
+with load while a lone request waits at most ``max_wait_s`` extra. ``handle_batch`` returns one
+result per job; a result that is an exception is raised to that job's request only.
+``max_batch = 1`` runs one job at a time (the benchmark's peer).
 Written by hand: the few lines of asyncio this takes are smaller than any dependency that
 offers it (e.g. a model server).
 """
@@ -16,27 +19,25 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from typing import Any
 
-import numpy as np
-
 
 class QueryBatcher:
-    """Micro-batching of single-image embedding requests (module docstring)."""
+    """Micro-batching of concurrent requests' jobs (module docstring)."""
 
-    def __init__(self, embed_batch: Callable[[Sequence[Any]], np.ndarray], executor: Executor,
-                 max_batch: int = 32, max_wait_s: float = 0.005):
-        self.embed_batch, self.executor = embed_batch, executor
+    def __init__(self, handle_batch: Callable[[Sequence[Any]], Sequence[Any]],
+                 executor: Executor, max_batch: int = 32, max_wait_s: float = 0.005):
+        self.handle_batch, self.executor = handle_batch, executor
         self.max_batch, self.max_wait_s = max(1, int(max_batch)), float(max_wait_s)
         self._queue: asyncio.Queue | None = None
         self._worker: asyncio.Task | None = None
-        self.batches = 0  # forward passes run (for /healthz and the benchmark)
+        self.batches = 0  # batches run (for /healthz and the benchmark)
 
-    async def embed(self, image: Any) -> np.ndarray:
-        """The embedding of one image, computed in a batch with the others waiting."""
+    async def submit(self, job: Any) -> Any:
+        """The result of ``job``, computed in a batch with the others waiting."""
         if self._queue is None:
             self._queue = asyncio.Queue()
             self._worker = asyncio.get_running_loop().create_task(self._work())
         done = asyncio.get_running_loop().create_future()
-        await self._queue.put((image, done))
+        await self._queue.put((job, done))
         return await done
 
     async def _work(self) -> None:
@@ -52,18 +53,22 @@ class QueryBatcher:
                     batch.append(await asyncio.wait_for(self._queue.get(), max(left, 0)))
                 except TimeoutError:
                     break
-            images = [image for image, _ in batch]
+            jobs = [job for job, _ in batch]
             try:
-                emb = await loop.run_in_executor(self.executor, self.embed_batch, images)
+                results = await loop.run_in_executor(self.executor, self.handle_batch, jobs)
             except Exception as exc:  # noqa: BLE001 - handed to every waiting request
                 for _, done in batch:
                     if not done.done():
                         done.set_exception(exc)
                 continue
             self.batches += 1
-            for row, (_, done) in zip(emb, batch):
-                if not done.done():
-                    done.set_result(row)
+            for result, (_, done) in zip(results, batch, strict=True):
+                if done.done():
+                    continue
+                if isinstance(result, BaseException):
+                    done.set_exception(result)
+                else:
+                    done.set_result(result)
 
     async def close(self) -> None:
         if self._worker is not None:
