@@ -3,7 +3,8 @@ on the test classes, paired over trained runs (seeds).
 
 For every run folder (``RUN/checkpoints/best.pt``) the validation and test splits are embedded
 once; each re-ranking method of ``nirdml.evaluation.rerank`` searches its grid on the
-validation classes (MAP@R), and the chosen parameters are applied to the test classes. Printed
+validation classes (MAP@R, ``nirdml.selection.rerank.select_rerank``, as ``nirdml tune
+--rerank`` does), and the chosen parameters are applied to the test classes. Printed
 and written (``--out``: ``.md`` and ``.json``): R@1 and MAP@R of the plain ranking and of each
 method, their paired differences (mean +- std over runs), and each method's time per query as a
 ratio to the plain exact search measured in the same run.
@@ -15,7 +16,6 @@ ratio to the plain exact search measured in the same run.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import statistics
 import sys
@@ -25,32 +25,9 @@ from pathlib import Path
 METRICS = ["recall@1", "map@r"]
 
 
-def grid_specs(name: str) -> list[str]:
-    """Every ``name:k=v,...`` of the method's grid (its defaults where the grid is silent)."""
-    from nirdml.evaluation.rerank import RERANKERS
-
-    method = RERANKERS[name]
-    keys = list(method.grid)
-    if not keys:
-        return [name]
-    return [name + ":" + ",".join(f"{k}={v}" for k, v in zip(keys, values))
-            for values in itertools.product(*(method.grid[k] for k in keys))]
-
-
-def split_masks(labels):
-    """The outside-query protocol: in each class every second item (in order) is a query, the
-    others the gallery, so no query is a gallery item (as for a served index)."""
-    import numpy as np
-
-    rank = np.zeros(labels.size, np.int64)
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
-        rank[members] = np.arange(members.size)
-    return rank % 2 == 1, rank % 2 == 0
-
-
 def timed_eval(emb, spec: str, protocol: str) -> tuple[dict, float]:
     from nirdml.evaluation import evaluate
+    from nirdml.selection.rerank import split_masks
 
     q, g = split_masks(emb.labels) if protocol == "split" else (None, None)
     start = time.perf_counter()
@@ -61,6 +38,7 @@ def timed_eval(emb, spec: str, protocol: str) -> tuple[dict, float]:
 
 def measure(run: Path, root: str | None, methods: list[str], protocol: str) -> dict:
     from nirdml.inference import TrainedRun
+    from nirdml.selection.rerank import select_rerank
 
     trained = TrainedRun.open(run / "checkpoints" / "best.pt", "cpu", root)
     val, test = trained.embed("val"), trained.embed("test")
@@ -68,12 +46,11 @@ def measure(run: Path, root: str | None, methods: list[str], protocol: str) -> d
            "test_size": len(test.labels)}
     plain, plain_s = timed_eval(test, "none", protocol)
     out["none"] = {"spec": "none", **plain, "seconds": plain_s}
+    chosen = select_rerank(val.embeddings, val.labels, methods, "map@r", protocol)["methods"]
     for name in methods:
-        scored = [(timed_eval(val, spec, protocol)[0]["map@r"], spec)
-                  for spec in grid_specs(name)]
-        best = max(scored, key=lambda t: t[0])[1]
+        best = chosen[name]["spec"]
         res, seconds = timed_eval(test, best, protocol)
-        out[name] = {"spec": best, **res, "seconds": seconds, "val_map@r": max(scored)[0]}
+        out[name] = {"spec": best, **res, "seconds": seconds, "val_map@r": chosen[name]["score"]}
         print(f"{run.name} ({protocol}): {best:40s} R@1 {100 * res['recall@1']:.2f} "
               f"MAP@R {100 * res['map@r']:.2f} ({seconds:.1f} s)", flush=True)
     return out

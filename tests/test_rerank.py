@@ -163,3 +163,95 @@ def test_evaluate_reports_fnmr_at_fmr_over_its_query_gallery_pairs():
     assert res["fnmr@fmr=0.01"] == ref.fnmr and res["threshold@fmr=0.01"] == ref.threshold
     with pytest.raises(ConfigError, match="in \\(0, 1\\)"):
         evaluate(x, y, ["recall@1"], fnmr_at_fmr=[1.5])
+
+
+# ---------------------------------------------------------------- choosing the parameters
+def _map_at_r_split_dense(x, y):
+    """MAP@R by hand for the outside-query protocol: in each class, items 1, 3, 5, ... (in
+    order) query the items 0, 2, 4, ... of all classes."""
+    order = np.zeros(y.size, int)
+    for c in np.unique(y):
+        order[y == c] = np.arange((y == c).sum())
+    q, g = np.flatnonzero(order % 2 == 1), np.flatnonzero(order % 2 == 0)
+    aps = []
+    for i in q:
+        ranked = g[np.argsort(-(x[g] @ x[i]), kind="stable")]
+        r = int((y[g] == y[i]).sum())
+        rel = (y[ranked[:r]] == y[i]).astype(float)
+        aps.append((np.cumsum(rel) / np.arange(1, r + 1) * rel).sum() / r)
+    return float(np.mean(aps))
+
+
+def test_select_rerank_scores_every_grid_point_and_keeps_the_plain_ranking_unless_beaten():
+    from nirdml.evaluation.rerank import RERANKERS
+    from nirdml.selection.rerank import select_rerank
+
+    x, y = _data(seed=3, noise=1.0)
+    found = select_rerank(x, y, ["alpha_qe", "dba"], "map@r", "split")
+    assert found["none"] == pytest.approx(_map_at_r_split_dense(x, y), abs=1e-9)
+    for name in ("alpha_qe", "dba"):
+        got = found["methods"][name]
+        grid = RERANKERS[name].grid
+        assert len(got["grid"]) == np.prod([len(v) for v in grid.values()])
+        assert got["score"] == max(s for _, s in got["grid"])
+        spec, score = got["grid"][5]  # any point is evaluate's own score under the masks
+        order = np.zeros(y.size, int)
+        for c in np.unique(y):
+            order[y == c] = np.arange((y == c).sum())
+        direct = evaluate(x, y, ["map@r"], query_mask=order % 2 == 1,
+                          gallery_mask=order % 2 == 0, rerank=spec)["map@r"]
+        assert score == pytest.approx(direct, abs=1e-12)
+    best = max([("none", found["none"])] + [(m["spec"], m["score"])
+                                            for m in found["methods"].values()],
+               key=lambda t: t[1])
+    assert (found["best"], found["best_score"]) == best
+    # separable classes: the plain ranking is perfect, no method can beat it strictly
+    x, y = _data(seed=3, noise=0.0)
+    found = select_rerank(x, y, ["dba"], "recall@1")
+    assert found["none"] == 1.0 and found["best"] == "none"
+
+
+@pytest.mark.parametrize("methods,metric,err", [
+    (["dba", "banana"], "map@r", "unknown re-ranking method(s) 'banana'"),
+    (["dba"], "nmi", "one ranking metric"),
+    (["dba"], "recall@x", "k must be a positive integer"),
+    (["dba"], "banana", "unknown metric"),
+])
+def test_select_rerank_refuses_bad_methods_and_metrics(methods, metric, err):
+    from nirdml.selection.rerank import select_rerank
+
+    x, y = _data()
+    with pytest.raises(ConfigError, match=err.replace("(", r"\(").replace(")", r"\)")):
+        select_rerank(x, y, methods, metric)
+
+
+def test_tune_rerank_command_prints_and_writes_the_choice(checkpoint, tmp_path, capsys):
+    import json
+
+    from conftest import refused
+
+    from nirdml.cli import main
+
+    out = tmp_path / "sel.json"
+    # the digits run has no validation split: said before any search
+    refused(capsys, ["tune", "--rerank", "dba", "--checkpoint", str(checkpoint)],
+            "split 'val' is empty", "val_fraction")
+    assert main(["tune", "--rerank", "dba", "--checkpoint", str(checkpoint), "--device", "cpu",
+                 "--split", "test", "--protocol", "split", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    assert doc["kind"] == "nirdml.rerank_selection" and doc["split"] == "test"
+    assert len(doc["methods"]["dba"]["grid"]) == 24
+    assert (f"--rerank {doc['best']}" in text) == (doc["best"] != "none")
+    # written by nirdml: replaced; someone else's file: refused before any work
+    assert main(["tune", "--rerank", "dba", "--checkpoint", str(checkpoint), "--device", "cpu",
+                 "--split", "test", "--json", str(out)]) == 0
+    foreign = tmp_path / "notes.json"
+    foreign.write_text('{"mine": 1}')
+    capsys.readouterr()
+    refused(capsys, ["tune", "--rerank", "--checkpoint", str(checkpoint), "--json",
+                     str(foreign)], "was not written by nirdml", "--overwrite")
+    assert foreign.read_text() == '{"mine": 1}'
+    refused(capsys, ["tune", "--rerank", "dba"], "--checkpoint")
+    refused(capsys, ["tune", "--rerank", "qe", "--checkpoint", str(checkpoint)], "'qe'")
+    refused(capsys, ["tune", "--space", "s.yaml"], "--trials", "--out", "--rerank")
