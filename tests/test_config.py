@@ -110,6 +110,7 @@ def test_every_shipped_config_is_valid():
     (["loss.nir.clamp=0"], ["loss.nir.clamp", "> 0"]),
     (["loss.sample_rate=0"], ["invalid value for loss.sample_rate", "in (0, 1]"]),
     (["loss.sample_rate=1.5"], ["invalid value for loss.sample_rate", "in (0, 1]"]),
+    (["data.train_classes=1"], ["invalid value for data.train_classes", ">= 2"]),
     (["loss.name=triplet", "loss.nir.enabled=false", "loss.proxy_lr_multiplier=null",
       "loss.shard=true"], ["loss.shard=true", "pair-based", "proxy_anchor"]),
     (["loss.name=contrastive", "loss.nir.enabled=false", "loss.proxy_lr_multiplier=null",

@@ -92,6 +92,30 @@ def test_digits_splits_and_items():
     assert again.val.class_names == splits.val.class_names  # deterministic given seed
 
 
+def test_a_small_training_set_is_a_seeded_draw_of_whole_classes_the_same_for_every_run_seed():
+    full = load_splits("digits", val_fraction=0.0).train
+    per_class = np.bincount(full.labels)
+    names = {}
+    for seed, class_seed in ((0, 0), (7, 0), (0, 3)):
+        splits = load_splits("digits", val_fraction=0.3, seed=seed, train_classes=3,
+                             class_seed=class_seed)
+        drawn = splits.train.class_names + splits.val.class_names
+        assert len(splits.val.class_names) == 1 and len(set(drawn)) == 3
+        assert set(drawn) <= set(full.class_names)
+        # every sample of a drawn class is kept, none of the others
+        want = sum(per_class[full.class_names.index(c)] for c in drawn)
+        assert len(splits.train) + len(splits.val) == want
+        assert splits.test.class_names == [5, 6, 7, 8, 9]  # the test classes are untouched
+        names[seed, class_seed] = sorted(drawn)
+    assert names[0, 0] == names[7, 0]  # the run seed does not change the draw
+    assert names[0, 0] != names[0, 3]  # the class seed does
+    assert load_splits("digits", train_classes=5).train.class_names == \
+        load_splits("digits").train.class_names  # all of them: the plain split
+    with pytest.raises(ConfigError, match=r"data.train_classes=9, but .* has 5 training "
+                                          r"classes; choose 1..5"):
+        load_splits("digits", train_classes=9)
+
+
 # ---- CUB200 ------------------------------------------------------------------------------------
 def test_cub_official_layout(tmp_path):
     base = tmp_path / "CUB_200_2011"
@@ -339,6 +363,10 @@ def test_real_omniglot_npz():
     check_ink_bright(splits.test)
     x = build_transforms("gray_small", train=False)(splits.test._read(0))
     assert x.shape == (1, 28, 28)
+    # a CUB-sized training set: 100 drawn background classes, 10 of them for validation
+    small = load_splits("omniglot", root=SHARED_OMNIGLOT, val_fraction=0.1, train_classes=100)
+    assert (small.train.num_classes, small.val.num_classes) == (90, 10)
+    assert len(small.train) == 90 * 20 and small.test.num_classes == 659
 
 
 def test_real_omniglot_official_zip(tmp_path):

@@ -321,6 +321,25 @@ def num_held_out(num_classes: int, val_fraction: float) -> int:
     return max(1, int(round(val_fraction * num_classes)))
 
 
+def draw_classes(dataset: LabeledDataset, count: int, seed: int = 0) -> LabeledDataset:
+    """A seeded uniform draw of ``count`` of ``dataset``'s classes (all their samples),
+    relabelled 0..count-1 in their original order: a small training set (``data.train_classes``,
+    e.g. CUB-sized 100 classes of Omniglot's 964). The draw is ``numpy.random.default_rng([seed,
+    5678])`` over the class list, so it depends on ``seed`` (``data.class_seed``) only, not on
+    the run's seed: every seed of a study trains on the same classes."""
+    count = int(count)
+    if not 1 <= count <= dataset.num_classes:
+        raise ConfigError(f"data.train_classes={count}, but {dataset.name!r} has "
+                          f"{dataset.num_classes} training classes; choose 1..{dataset.num_classes}"
+                          f" (or null for all)")
+    if count == dataset.num_classes:
+        return dataset
+    rng = np.random.default_rng([int(seed), 5678])
+    keep = np.zeros(dataset.num_classes, dtype=bool)
+    keep[rng.choice(dataset.num_classes, size=count, replace=False)] = True
+    return dataset.select(np.flatnonzero(keep[dataset.labels]), name=dataset.name)
+
+
 def hold_out_classes(dataset: LabeledDataset, val_fraction: float, seed: int = 0
                      ) -> tuple[LabeledDataset, LabeledDataset | None]:
     """Split whole classes off ``dataset``: returns ``(train, val)``, both relabelled 0..C-1.

@@ -35,6 +35,8 @@ def build_splits(cfg: Config):
         on_error=cfg.data.on_error,
         folds=cfg.data.folds,
         fold=cfg.data.fold,
+        train_classes=cfg.data.train_classes,
+        class_seed=cfg.data.class_seed,
         **cfg.data.options,
     )
     # unreadable files: found now (not mid-training), dropped or fatal, never substituted
@@ -83,6 +85,8 @@ def build_feature_splits(cfg: Config, model: nn.Module, splits, device: torch.de
     data_keys = ["name", "root", "options", "image_size", "val_fraction"]
     if cfg.data.folds:  # only then: keeps the cache keys of runs without folds
         data_keys += ["folds", "fold"]
+    if cfg.data.train_classes is not None:  # likewise (the split content differs anyway)
+        data_keys += ["train_classes", "class_seed"]
     description = {"data": {k: getattr(cfg.data, k) for k in data_keys},
                    "seed": cfg.seed, "model": model_cfg}
     is_main = dist is None or dist.is_main

@@ -31,6 +31,9 @@ class DataConfig:
     ``~/.cache/nirdml/features``. ``folds``/``fold``: cross-validation (``nirdml crossval``):
     with ``folds >= 2`` the training classes are split into ``folds`` seeded, class-disjoint
     folds and fold number ``fold`` is the validation split (``val_fraction`` is then unused).
+    ``train_classes``: train on a seeded draw of that many of the training classes (null: all),
+    the validation classes then held out of them; ``class_seed`` seeds the draw (not ``seed``,
+    so every seed of a study sees the same classes; ``nirdml.data.base.draw_classes``).
     """
 
     name: str = "cub200"
@@ -38,6 +41,8 @@ class DataConfig:
     val_fraction: float = 0.1
     folds: int = 0
     fold: int = 0
+    train_classes: int | None = None
+    class_seed: int = 0
     image_size: int | None = None
     augment: bool = True
     on_error: Literal["skip", "fail"] = "skip"
@@ -280,6 +285,8 @@ class Config:
                 f"a multiple of data.samples_per_class ({self.data.samples_per_class})",
             ),
             (0.0 <= self.data.val_fraction < 1.0, "data.val_fraction", "in [0, 1)"),
+            (self.data.train_classes is None or self.data.train_classes >= 2,
+             "data.train_classes", ">= 2 (two classes to train on) or null (every class)"),
             (self.data.num_workers >= 0, "data.num_workers", ">= 0"),
             (self.model.embedding_dim >= 2, "model.embedding_dim", ">= 2"),
             (self.optim.lr > 0, "optim.lr", "> 0"),

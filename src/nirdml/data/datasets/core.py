@@ -20,6 +20,7 @@ from nirdml.data.base import (
     ON_ERROR,
     FileDataset,
     Splits,
+    draw_classes,
     hold_out_classes,
     hold_out_fold,
     num_held_out,
@@ -49,6 +50,7 @@ OFFICIAL_PAGES = {
 
 def load_splits(name: str, root: str | os.PathLike | None = None, val_fraction: float = 0.1,
                 seed: int = 0, on_error: str = "skip", folds: int = 0, fold: int = 0,
+                train_classes: int | None = None, class_seed: int = 0,
                 **options: Any) -> Splits:
     """Load dataset ``name`` as class-disjoint ``train``/``val``/``test`` :class:`Splits`.
 
@@ -57,7 +59,9 @@ def load_splits(name: str, root: str | os.PathLike | None = None, val_fraction: 
     brings its own validation split (the CSV layout's ``validation`` rows). With ``folds >=
     2`` (cross-validation) ``val`` is instead fold ``fold`` of the training classes split into
     ``folds`` seeded class-disjoint folds (``nirdml.data.base.class_folds``; ``val_fraction``
-    unused; a layout with its own validation split is refused). ``options`` go to
+    unused; a layout with its own validation split is refused). ``train_classes``: keep a
+    seeded draw of that many training classes (``nirdml.data.base.draw_classes``, seeded by
+    ``class_seed``), before the validation classes are held out of them. ``options`` go to
     the dataset's loader (``None`` values are dropped); see ``DATASETS.names()`` and each
     loader's docstring.
     """
@@ -74,6 +78,12 @@ def load_splits(name: str, root: str | os.PathLike | None = None, val_fraction: 
                           f"it takes: {', '.join(takes) or 'none'}")
     root_path = None if root is None else Path(root).expanduser()
     splits = loader(root=root_path, seed=seed, on_error=on_error, **options)
+    if train_classes is not None:
+        if splits.val is not None:
+            raise ConfigError(f"{name}: the layout brings its own validation split; draw "
+                              f"training classes (data.train_classes) only from a dataset "
+                              f"whose validation classes are held out of its training split")
+        splits.train = draw_classes(splits.train, train_classes, class_seed)
     if folds:
         if splits.val is not None:
             raise ConfigError(f"{name}: the layout brings its own validation split, so its "
