@@ -108,13 +108,13 @@ def query_png(size: int, in_chans: int) -> bytes:
     return out.getvalue()
 
 
-def serve(index: Path, batch: int):
+def serve(index: Path, batch: int, wait_ms: float = 20.0):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "nirdml", "serve", "--index", str(index),
                              "--port", str(port), "--device", "cpu", "--batch-size",
-                             str(batch)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             str(batch), "--batch-wait-ms", str(wait_ms)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
@@ -159,6 +159,8 @@ def main(argv=None) -> int:
     p.add_argument("--items", type=int, default=100_000)
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--requests", type=int, default=40, help="per client")
+    p.add_argument("--batch-wait-ms", type=float, default=20.0,
+                   help="the batched server's --batch-wait-ms (default: serve's own, 20)")
     p.add_argument("--repeats", type=int, default=3,
                    help="interleaved load runs per server (the median pair is reported)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON")
@@ -181,7 +183,8 @@ def main(argv=None) -> int:
             build_index(ckpt, args.items, tmp / "index")
             png = query_png(size, chans)
             stages = stage_times(ckpt, tmp / "index", size, chans)
-            servers = {mode: serve(tmp / "index", batch) for mode, batch in MODES}
+            servers = {mode: serve(tmp / "index", batch, args.batch_wait_ms)
+                       for mode, batch in MODES}
             runs = {mode: [] for mode, _ in MODES}
             try:  # interleaved A B, B A, ...: drifts of a shared machine hit both alike
                 for rep in range(args.repeats):

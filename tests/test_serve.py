@@ -235,3 +235,33 @@ def test_the_page_renders_neighbours_in_headless_chromium(servers, tmp_path):
     blue = ((rgb[..., 2] > 150) & (rgb[..., 0] < 90) & (rgb[..., 1] < 100)).sum()
     green = ((rgb[..., 1] > 140) & (rgb[..., 0] < 90) & (rgb[..., 2] < 100)).sum()
     assert max(red, green, blue) > 5000, (red, green, blue)
+
+
+def test_the_batcher_waits_for_company_only_under_load():
+    import asyncio
+
+    from nirdml.serve.batching import QueryBatcher
+
+    seen = []
+
+    def handle(jobs):
+        seen.append(list(jobs))
+        return [ValueError(j) if j == "bad" else j * 2 for j in jobs]
+
+    async def scenario():
+        pool = ThreadPoolExecutor(1)
+        batcher = QueryBatcher(handle, pool, max_batch=4, max_wait_s=3.0)
+        start = time.perf_counter()
+        assert await batcher.submit(1) == 2  # alone at low load: no 3 s wait
+        assert time.perf_counter() - start < 2.0
+        # a burst: what is queued runs at once (up to 4), then, under load, the next batch
+        # waits up to 3 s for company before it runs with the 2 left
+        out = await asyncio.gather(*(batcher.submit(j) for j in [3, 4, 5, 6, 7, "bad"]),
+                                   return_exceptions=True)
+        await batcher.close()
+        pool.shutdown()
+        return out
+
+    out = asyncio.run(scenario())
+    assert out[:5] == [6, 8, 10, 12, 14] and isinstance(out[5], ValueError)
+    assert seen[0] == [1] and [len(b) for b in seen[1:]] == [4, 2]

@@ -30,8 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=32,
                         help="most concurrent image queries embedded in one forward pass "
                              "(1: one at a time)")
-    parser.add_argument("--batch-wait-ms", type=positive_float, default=5.0,
-                        help="how long the first query of a batch waits for others (ms)")
+    parser.add_argument("--batch-wait-ms", type=positive_float, default=20.0,
+                        help="under load, how long the first query of a batch waits for "
+                             "others (ms; a query at low load never waits)")
     add_device_option(parser, "for embedding the queries")
 
 

@@ -56,7 +56,7 @@ class SearchService:
     def __init__(self, retriever, index_dir: str | os.PathLike, *, writable: bool = False,
                  rerank: str | None = None, max_upload_bytes: int = 8 << 20,
                  max_pixels: int = 40_000_000, max_batch: int = 32,
-                 batch_wait_s: float = 0.005, max_k: int = 100):
+                 batch_wait_s: float = 0.02, max_k: int = 100):
         from nirdml.evaluation.rerank import parse_served
         from nirdml.serve.batching import QueryBatcher
 
