@@ -21,7 +21,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from nirdml.data.image_files import apply_pixel_limit, exceeds_pixel_limit, too_large
+from nirdml.data.image_files import (
+    apply_pixel_limit,
+    draft_jpeg,
+    exceeds_pixel_limit,
+    too_large,
+)
+from nirdml.data.transforms import draft_size
 from nirdml.errors import ConfigError, DatasetError
 
 ON_ERROR = ("skip", "fail")
@@ -239,6 +245,7 @@ class FileDataset(LabeledDataset):
         with Image.open(self._paths[i]) as image:
             if exceeds_pixel_limit(image.size):  # refused from its header, never decoded
                 raise ValueError(too_large(image.size))
+            draft_jpeg(image, self.mode, draft_size(self.transform))
             image = image.convert(self.mode)  # decodes the whole file (truncation raises here)
         return ImageOps.invert(image) if self.invert else image
 

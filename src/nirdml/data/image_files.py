@@ -155,3 +155,12 @@ def scan_class_folders(root: str | os.PathLike, what: str = "folder",
 __all__ = ["IMAGE_EXTENSIONS", "MAX_IMAGE_PIXELS", "apply_pixel_limit", "class_folders",
            "exceeds_pixel_limit", "images_below", "is_image_name", "listing",
            "scan_class_folders", "too_large"]
+
+
+def draft_jpeg(image, mode: str, shorter_side: int | None) -> None:
+    """Before decoding: ask PIL to decode a JPEG at the smallest DCT scale (1/2, 1/4 or 1/8)
+    that keeps both sides >= ``shorter_side`` (``PIL.Image.draft``), when that is at least
+    half the image; nothing for other formats, smaller images or ``None``. The caller's
+    transform must resize to at most ``shorter_side / 2`` afterwards (``DraftCompose``)."""
+    if shorter_side and image.format == "JPEG" and min(image.size) >= 2 * int(shorter_side):
+        image.draft(mode, (int(shorter_side), int(shorter_side)))

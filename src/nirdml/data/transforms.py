@@ -123,6 +123,36 @@ class Normalize:
         return f"Normalize(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"
 
 
+def draft_size(transform: Callable | None) -> int | None:
+    """The smallest shorter side ``transform`` needs of its source image, if it says (see
+    :class:`DraftCompose`): a JPEG reader may then decode at 1/2, 1/4 or 1/8 scale in the DCT
+    domain (``PIL.Image.draft``), as long as the decoded image keeps that shorter side."""
+    return getattr(transform, "draft_size", None)
+
+
+class DraftCompose:
+    """``v2.Compose(steps)`` that also names ``draft_size``: the evaluation transform's resize
+    target times :data:`DRAFT_MARGIN`. Decoding a JPEG no smaller than that and then resizing
+    gives the same image as resizing the full decode, to within a test's tolerance (DCT scaling
+    is an 8x8 box filter, which the following antialiased resize smooths over), at a fraction of
+    the decoding cost for images several times the target (SOP's megapixel photographs)."""
+
+    def __init__(self, steps: list, draft_size: int):
+        from torchvision.transforms import v2
+
+        self.compose, self.draft_size = v2.Compose(steps), int(draft_size)
+
+    def __call__(self, image):
+        return self.compose(image)
+
+    def __repr__(self) -> str:
+        return f"DraftCompose(draft_size={self.draft_size}, {self.compose!r})"
+
+
+#: how much larger than its resize target a drafted JPEG decode stays (shorter side)
+DRAFT_MARGIN = 2
+
+
 def build_transforms(image_kind: str, train: bool, image_size: int | None = None) -> Callable:
     """The train or eval transform of ``image_kind`` (``"rgb"`` or ``"gray_small"``)."""
     from torchvision.transforms import v2
@@ -136,8 +166,11 @@ def build_transforms(image_kind: str, train: bool, image_size: int | None = None
             steps = [v2.ToImage(), v2.RandomResizedCrop(size, antialias=True),
                      v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True)]
         else:
-            steps = [v2.ToImage(), v2.Resize(round(size * 256 / 224), antialias=True),
-                     v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True)]
+            resize = round(size * 256 / 224)
+            steps = [v2.ToImage(), v2.Resize(resize, antialias=True), v2.CenterCrop(size),
+                     v2.ToDtype(torch.float32, scale=True),
+                     v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+            return DraftCompose(steps, DRAFT_MARGIN * resize)
         return v2.Compose([*steps, v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     if image_kind == "gray_small":
         if image_size is None:

@@ -1,0 +1,95 @@
+"""The RGB evaluation pipeline's drafted JPEG decode: the images it gives against the full
+decode (the stated tolerance), and where it must not apply."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nirdml.data import build_transforms
+from nirdml.data.base import FileDataset
+from nirdml.data.images import load_image
+from nirdml.data.transforms import IMAGENET_MEAN, IMAGENET_STD, draft_size
+
+STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
+def photo_like(path, size, seed=0, noise=4.0):
+    """Smooth colour fields plus sensor-like noise: a JPEG of about 1.5 bits per pixel."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    coarse = rng.integers(0, 256, (h // 50 + 2, w // 50 + 2, 3), dtype=np.uint8)
+    field = np.asarray(Image.fromarray(coarse).resize((w, h), Image.Resampling.BICUBIC), float)
+    pixels = np.clip(field + rng.normal(0, noise, field.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path, "JPEG", quality=90)
+    return str(path)
+
+
+def sharp(path, size, seed=0, fmt="JPEG"):
+    """The worst case for any downscaling: random colour blocks of 7 pixels."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    blocks = rng.integers(0, 256, (h // 7 + 1, w // 7 + 1, 3), dtype=np.uint8)
+    Image.fromarray(np.kron(blocks, np.ones((7, 7, 1), np.uint8))[:h, :w]).save(
+        path, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    return str(path)
+
+
+def plain_eval(image):
+    """The v2 pipeline the evaluation transform was before it named its draft size."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.ToImage(), v2.Resize(256, antialias=True), v2.CenterCrop(224),
+                       v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])(image)
+
+
+def pixel_error(a, b):
+    """|a - b| in grey levels (0-255) of the un-normalised images."""
+    return ((a - b) * STD).abs() * 255
+
+
+def test_the_eval_transform_is_the_plain_v2_pipeline_and_names_twice_its_resize():
+    t = build_transforms("rgb", train=False, image_size=224)
+    assert draft_size(t) == 512
+    assert draft_size(build_transforms("rgb", train=False, image_size=84)) == 2 * 96
+    assert draft_size(build_transforms("rgb", train=True, image_size=224)) is None
+    assert draft_size(build_transforms("gray_small", train=False)) is None
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (375, 500, 3), np.uint8))
+    assert torch.equal(t(image), plain_eval(image))
+
+
+@pytest.mark.parametrize("size", [(2000, 1500), (4000, 3000), (1024, 1024)])
+def test_a_large_photo_decoded_at_reduced_scale_stays_within_half_a_grey_level(tmp_path, size):
+    path = photo_like(tmp_path / "photo.jpg", size)
+    t = build_transforms("rgb", train=False, image_size=224)
+    with Image.open(path) as image:  # the decode is reduced: 1/2 (or 1/4) of the sides
+        image.draft("RGB", (512, 512))
+        assert max(image.size) <= size[0] // 2 and min(image.size) >= 512
+    full, drafted = t(load_image(path, 3)), t(load_image(path, 3, draft_size(t)))
+    err = pixel_error(full, drafted)
+    assert float(err.mean()) <= 0.5 and float(err.max()) <= 4.0
+    # a dataset's reader drafts the same way as a query's
+    ds = FileDataset([path], [0], transform=t)
+    assert torch.equal(ds[0][0], drafted)
+
+
+def test_the_worst_case_image_stays_within_three_grey_levels_on_average(tmp_path):
+    path = sharp(tmp_path / "sharp.jpg", (2000, 1500))
+    t = build_transforms("rgb", train=False, image_size=224)
+    err = pixel_error(t(load_image(path, 3)), t(load_image(path, 3, draft_size(t))))
+    assert float(err.mean()) <= 3.0
+
+
+@pytest.mark.parametrize("name,size,fmt", [("cub.jpg", (500, 375), "JPEG"),
+                                           ("just_under.jpg", (1023, 1500), "JPEG"),
+                                           ("large.png", (2000, 1500), "PNG")])
+def test_no_draft_for_small_jpegs_or_other_formats(tmp_path, name, size, fmt):
+    path = sharp(tmp_path / name, size, fmt=fmt)
+    t = build_transforms("rgb", train=False, image_size=224)
+    assert torch.equal(t(load_image(path, 3)), t(load_image(path, 3, draft_size(t))))
+    with Image.open(path) as image:
+        assert torch.equal(FileDataset([path], [0], transform=t)[0][0],
+                           plain_eval(image.convert("RGB")))
