@@ -114,7 +114,8 @@ def serve(index: Path, batch: int, wait_ms: float = 20.0):
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "nirdml", "serve", "--index", str(index),
                              "--port", str(port), "--device", "cpu", "--batch-size",
-                             str(batch), "--batch-wait-ms", str(wait_ms)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             str(batch), "--batch-wait-ms", str(wait_ms)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:

@@ -229,7 +229,6 @@ def test_tune_rerank_command_prints_and_writes_the_choice(checkpoint, tmp_path, 
     import json
 
     from conftest import refused
-
     from nirdml.cli import main
 
     out = tmp_path / "sel.json"
