@@ -1,5 +1,5 @@
-"""The RGB evaluation pipeline's drafted JPEG decode: the images it gives against the full
-decode (the stated tolerance), and where it must not apply."""
+"""The RGB pipelines' drafted JPEG decodes: the images they give against the full decode (the
+stated tolerance), where they must not apply, and the training crop's unchanged distribution."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def test_a_large_photo_decoded_at_reduced_scale_stays_within_half_a_grey_level(t
     with Image.open(path) as image:  # the decode is reduced: 1/2 (or 1/4) of the sides
         image.draft("RGB", (512, 512))
         assert max(image.size) <= size[0] // 2 and min(image.size) >= 512
-    full, drafted = t(load_image(path, 3)), t(load_image(path, 3, draft_size(t)))
+    full, drafted = t(load_image(path, 3)), t(load_image(path, 3, t.prepare))
     err = pixel_error(full, drafted)
     assert float(err.mean()) <= 0.5 and float(err.max()) <= 4.0
     # a dataset's reader drafts the same way as a query's
@@ -79,7 +79,7 @@ def test_a_large_photo_decoded_at_reduced_scale_stays_within_half_a_grey_level(t
 def test_the_worst_case_image_stays_within_three_grey_levels_on_average(tmp_path):
     path = sharp(tmp_path / "sharp.jpg", (2000, 1500))
     t = build_transforms("rgb", train=False, image_size=224)
-    err = pixel_error(t(load_image(path, 3)), t(load_image(path, 3, draft_size(t))))
+    err = pixel_error(t(load_image(path, 3)), t(load_image(path, 3, t.prepare)))
     assert float(err.mean()) <= 3.0
 
 
@@ -89,7 +89,78 @@ def test_the_worst_case_image_stays_within_three_grey_levels_on_average(tmp_path
 def test_no_draft_for_small_jpegs_or_other_formats(tmp_path, name, size, fmt):
     path = sharp(tmp_path / name, size, fmt=fmt)
     t = build_transforms("rgb", train=False, image_size=224)
-    assert torch.equal(t(load_image(path, 3)), t(load_image(path, 3, draft_size(t))))
+    assert torch.equal(t(load_image(path, 3)), t(load_image(path, 3, t.prepare)))
     with Image.open(path) as image:
         assert torch.equal(FileDataset([path], [0], transform=t)[0][0],
                            plain_eval(image.convert("RGB")))
+
+
+def plain_train(image):
+    """The v2 training pipeline before the crop was planned from the header."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(224, antialias=True),
+                       v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])(image)
+
+
+@pytest.mark.parametrize("name,size,fmt", [("small.jpg", (500, 375), "JPEG"),
+                                           ("large.png", (2000, 1500), "PNG")])
+def test_an_undrafted_training_image_is_exactly_the_plain_pipelines(tmp_path, name, size, fmt):
+    path = sharp(tmp_path / name, size, fmt=fmt)
+    t = build_transforms("rgb", train=True, image_size=224)
+    ds = FileDataset([path], [0], transform=t)
+    with Image.open(path) as image:
+        decoded = image.convert("RGB")
+    for seed in range(6):  # the same RNG stream: the same crops and flips
+        torch.manual_seed(seed)
+        want = plain_train(decoded)
+        torch.manual_seed(seed)
+        assert torch.equal(ds[0][0], want)
+        torch.manual_seed(seed)
+        assert torch.equal(t(decoded), want)  # handed over decoded: drawn at call time
+
+
+def test_a_large_training_jpeg_is_decoded_reduced_and_crops_the_same_region(tmp_path,
+                                                                         monkeypatch):
+    from PIL import JpegImagePlugin
+
+    path = photo_like(tmp_path / "photo.jpg", (2000, 1500))
+    t = build_transforms("rgb", train=True, image_size=224)
+    ds = FileDataset([path], [0], transform=t)
+    scales = []
+    original = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, size):
+        out = original(self, mode, size)
+        scales.append(2000 // self.size[0])
+        return out
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    with Image.open(path) as image:
+        decoded = image.convert("RGB")
+    errors = []
+    for seed in range(12):
+        torch.manual_seed(seed)
+        want = plain_train(decoded)
+        torch.manual_seed(seed)
+        errors.append(float(pixel_error(ds[0][0], want).mean()))
+    assert max(scales) >= 2  # large crops were decoded at a reduced scale
+    # the same crop and flip (the region to within half a pixel of the reduced decode): within
+    # three grey levels on average; the crops decoded in full are exact
+    assert max(errors) <= 3.0 and min(errors) == 0.0, errors
+    # the crop is drawn exactly as torchvision draws it, from the same RNG stream
+    from torchvision.transforms import RandomResizedCrop
+
+    from nirdml.data.transforms import CROP_KEY
+
+    for seed in range(5):
+        torch.manual_seed(seed)
+        want = RandomResizedCrop.get_params(torch.empty(1, 1500, 2000), [0.08, 1.0],
+                                            [3 / 4, 4 / 3])
+        torch.manual_seed(seed)
+        with Image.open(path) as image:
+            t.prepare(image, "RGB")
+            scale = 2000 / image.size[0]
+            got = [v * scale for v in image.info[CROP_KEY]]
+        assert got == pytest.approx(list(want), abs=1e-9)

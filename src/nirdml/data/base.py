@@ -23,11 +23,10 @@ from PIL import Image, ImageOps
 
 from nirdml.data.image_files import (
     apply_pixel_limit,
-    draft_jpeg,
     exceeds_pixel_limit,
     too_large,
 )
-from nirdml.data.transforms import draft_size
+from nirdml.data.transforms import decode_planner
 from nirdml.errors import ConfigError, DatasetError
 
 ON_ERROR = ("skip", "fail")
@@ -245,7 +244,9 @@ class FileDataset(LabeledDataset):
         with Image.open(self._paths[i]) as image:
             if exceeds_pixel_limit(image.size):  # refused from its header, never decoded
                 raise ValueError(too_large(image.size))
-            draft_jpeg(image, self.mode, draft_size(self.transform))
+            prepare = decode_planner(self.transform)
+            if prepare is not None:  # e.g. a reduced-scale JPEG decode (transforms.py)
+                prepare(image, self.mode)
             image = image.convert(self.mode)  # decodes the whole file (truncation raises here)
         return ImageOps.invert(image) if self.invert else image
 

@@ -20,23 +20,22 @@ from nirdml.data.image_files import (
     IMAGE_EXTENSIONS,
     MAX_IMAGE_PIXELS,
     apply_pixel_limit,
-    draft_jpeg,
     exceeds_pixel_limit,
     too_large,
 )
 from nirdml.data.preprocessing import ImagePrep
-from nirdml.data.transforms import draft_size
+from nirdml.data.transforms import decode_planner
 from nirdml.errors import InputError
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFileDataset", "collate_skipping_bad", "decode_image",
            "load_image"]
 
 
-def _decode(source, in_chans: int, limit: int, too_big, undecodable, draft: int | None = None):
+def _decode(source, in_chans: int, limit: int, too_big, undecodable, prepare=None):
     """Open ``source`` (a path or a file object) with PIL and fully decode it in ``L`` or
     ``RGB`` mode under ``limit`` pixels, checked from the header before decoding; the
-    InputError messages come from ``too_big(size or None)`` and ``undecodable(exc)``; ``draft``:
-    a JPEG may decode at a DCT scale keeping its shorter side >= ``draft`` (``draft_jpeg``)."""
+    InputError messages come from ``too_big(size or None)`` and ``undecodable(exc)``;
+    ``prepare(image, mode)`` sees the image before decoding (``transforms.decode_planner``)."""
     from PIL import Image
 
     apply_pixel_limit()
@@ -47,7 +46,8 @@ def _decode(source, in_chans: int, limit: int, too_big, undecodable, draft: int 
             with Image.open(source) as img:
                 if exceeds_pixel_limit(img.size) or img.size[0] * img.size[1] > limit:
                     raise InputError(too_big(img.size))
-                draft_jpeg(img, "L" if in_chans == 1 else "RGB", draft)
+                if prepare is not None:
+                    prepare(img, "L" if in_chans == 1 else "RGB")
                 img.load()
                 return img.convert("L" if in_chans == 1 else "RGB")
     except Image.DecompressionBombError:
@@ -84,9 +84,9 @@ def decode_image(data: bytes, in_chans: int = 3, max_pixels: int | None = None,
                                f"PNG, JPEG, BMP, GIF or WebP file")
 
 
-def load_image(path: str | os.PathLike, in_chans: int = 3, draft: int | None = None):
+def load_image(path: str | os.PathLike, in_chans: int = 3, prepare=None):
     """Open and fully decode ``path`` as a PIL image in ``L`` (1 channel) or ``RGB`` mode
-    (``draft``: the shorter side the caller's transform needs, ``transforms.draft_size``; a
+    (``prepare``: the caller's transform's decode planner, ``transforms.decode_planner``; a
     large JPEG may then decode at a reduced DCT scale, as the dataset readers do).
 
     Raises InputError for a missing file, one that cannot be decoded, or one whose header claims
@@ -100,7 +100,7 @@ def load_image(path: str | os.PathLike, in_chans: int = 3, draft: int | None = N
                    lambda size: f"image {shown} is {too_large(size)}; use a smaller image",
                    lambda exc: f"cannot decode image {shown} ({_first_line(exc)}); use a "
                                f"readable {'/'.join(e[1:] for e in IMAGE_EXTENSIONS[:5])}... "
-                               f"file", draft)
+                               f"file", prepare)
 
 
 class ImageFileDataset(torch.utils.data.Dataset):
@@ -119,7 +119,7 @@ class ImageFileDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         try:
-            image = load_image(self.paths[i], self.prep.in_chans, draft_size(self.prep))
+            image = load_image(self.paths[i], self.prep.in_chans, decode_planner(self.prep))
         except InputError:
             if not self.skip_bad:
                 raise

@@ -117,8 +117,8 @@ class ImagePrep:
         self.in_chans = in_chans
         self.invert = invert
         self.input_size = None if input_size is None else tuple(int(s) for s in input_size)
-        #: the source size the transform needs (``nirdml.data.transforms.draft_size``)
-        self.draft_size = getattr(transform, "draft_size", None)
+        #: the transform's decode planner (``nirdml.data.transforms.decode_planner``)
+        self.prepare = getattr(transform, "prepare", None)
 
     def __call__(self, image) -> torch.Tensor:
         from PIL import ImageOps

@@ -124,23 +124,40 @@ class Normalize:
 
 
 def draft_size(transform: Callable | None) -> int | None:
-    """The smallest shorter side ``transform`` needs of its source image, if it says (see
-    :class:`DraftCompose`): a JPEG reader may then decode at 1/2, 1/4 or 1/8 scale in the DCT
-    domain (``PIL.Image.draft``), as long as the decoded image keeps that shorter side."""
+    """The smallest shorter side an evaluation ``transform`` needs of its source image, if it
+    says (:class:`DraftCompose`)."""
     return getattr(transform, "draft_size", None)
 
 
+def decode_planner(transform: Callable | None) -> Callable | None:
+    """``transform.prepare`` if it has one: ``prepare(image, mode)`` is called by the image
+    readers on the opened, not yet decoded PIL image, and may ask for a reduced-scale JPEG
+    decode (``PIL.Image.draft``) that still gives the transform the pixels it needs."""
+    return getattr(transform, "prepare", None)
+
+
+#: how much larger than its resize target a drafted JPEG decode stays (shorter side)
+DRAFT_MARGIN = 2
+
+
 class DraftCompose:
-    """``v2.Compose(steps)`` that also names ``draft_size``: the evaluation transform's resize
-    target times :data:`DRAFT_MARGIN`. Decoding a JPEG no smaller than that and then resizing
-    gives the same image as resizing the full decode, to within a test's tolerance (DCT scaling
-    is an 8x8 box filter, which the following antialiased resize smooths over), at a fraction of
-    the decoding cost for images several times the target (SOP's megapixel photographs)."""
+    """``v2.Compose(steps)`` of the evaluation transform, with ``draft_size`` = its resize
+    target times :data:`DRAFT_MARGIN`: :meth:`prepare` lets a JPEG decode at 1/2, 1/4 or 1/8
+    scale as long as its shorter side stays >= ``draft_size``. Resizing that decode gives the
+    image that resizing the full decode gives to within a stated tolerance
+    (``tests/test_loader.py``: half a grey level on photographs; DCT scaling is a box filter
+    the antialiased resize smooths over), for a fraction of the decoding cost of images several
+    times the target (SOP's megapixel photographs)."""
 
     def __init__(self, steps: list, draft_size: int):
         from torchvision.transforms import v2
 
         self.compose, self.draft_size = v2.Compose(steps), int(draft_size)
+
+    def prepare(self, image, mode: str) -> None:
+        from nirdml.data.image_files import draft_jpeg
+
+        draft_jpeg(image, mode, self.draft_size)
 
     def __call__(self, image):
         return self.compose(image)
@@ -149,8 +166,59 @@ class DraftCompose:
         return f"DraftCompose(draft_size={self.draft_size}, {self.compose!r})"
 
 
-#: how much larger than its resize target a drafted JPEG decode stays (shorter side)
-DRAFT_MARGIN = 2
+CROP_KEY = "nirdml.crop"  # PIL ``info`` key of a crop planned before decoding
+
+
+class DraftRandomResizedCrop:
+    """The training transform ``RandomResizedCrop(size)`` + flip + float + normalise, with the
+    crop drawn from the image *header* (:meth:`prepare`, before decoding), so that a JPEG can be
+    decoded at the largest DCT scale (1/2, 1/4, 1/8) that keeps the crop's shorter side >=
+    :data:`DRAFT_MARGIN` x ``size``; the crop box is then scaled to the reduced image. The crop
+    is drawn exactly as torchvision draws it (``RandomResizedCrop.get_params`` on the full
+    size, torch's RNG), so the augmentation's distribution is unchanged; an image handed over
+    already decoded (no :meth:`prepare`) draws its crop the same way at call time."""
+
+    def __init__(self, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+        from torchvision.transforms import v2
+
+        self.size, self.scale, self.ratio = int(size), tuple(scale), tuple(ratio)
+        self.tail = v2.Compose([v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
+                                v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+    def _draw(self, width: int, height: int) -> tuple[int, int, int, int]:
+        from torchvision.transforms import RandomResizedCrop
+
+        shape_only = torch.empty(1, 1, 1).expand(1, height, width)  # no pixels allocated
+        return RandomResizedCrop.get_params(shape_only, list(self.scale), list(self.ratio))
+
+    def prepare(self, image, mode: str) -> None:
+        width, height = image.size
+        top, left, h, w = self._draw(width, height)
+        scale = 1
+        while scale < 8 and min(h, w) >= 2 * scale * DRAFT_MARGIN * self.size:
+            scale *= 2
+        if scale > 1 and image.format == "JPEG":
+            image.draft(mode, (-(-width // scale), -(-height // scale)))
+        fx, fy = image.size[0] / width, image.size[1] / height
+        image.info[CROP_KEY] = (top * fy, left * fx, h * fy, w * fx)
+
+    def __call__(self, image) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as F
+
+        box = image.info.pop(CROP_KEY, None) if hasattr(image, "info") else None
+        x = F.pil_to_tensor(image) if hasattr(image, "info") else image
+        if box is None:
+            top, left, h, w = self._draw(x.shape[-1], x.shape[-2])
+        else:  # the planned crop, on the (possibly reduced) decode
+            top, left = int(round(box[0])), int(round(box[1]))
+            h = max(1, min(int(round(box[2])), x.shape[-2] - top))
+            w = max(1, min(int(round(box[3])), x.shape[-1] - left))
+        x = F.resized_crop(x, top, left, h, w, [self.size, self.size], antialias=True)
+        return self.tail(x)
+
+    def __repr__(self) -> str:
+        return (f"DraftRandomResizedCrop(size={self.size}, scale={self.scale}, "
+                f"ratio={self.ratio}) + flip + normalise")
 
 
 def build_transforms(image_kind: str, train: bool, image_size: int | None = None) -> Callable:
@@ -163,15 +231,11 @@ def build_transforms(image_kind: str, train: bool, image_size: int | None = None
     if image_kind == "rgb":
         size = int(image_size or 224)
         if train:
-            steps = [v2.ToImage(), v2.RandomResizedCrop(size, antialias=True),
-                     v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True)]
-        else:
-            resize = round(size * 256 / 224)
-            steps = [v2.ToImage(), v2.Resize(resize, antialias=True), v2.CenterCrop(size),
-                     v2.ToDtype(torch.float32, scale=True),
-                     v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-            return DraftCompose(steps, DRAFT_MARGIN * resize)
-        return v2.Compose([*steps, v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+            return DraftRandomResizedCrop(size)
+        resize = round(size * 256 / 224)
+        steps = [v2.ToImage(), v2.Resize(resize, antialias=True), v2.CenterCrop(size),
+                 v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        return DraftCompose(steps, DRAFT_MARGIN * resize)
     if image_kind == "gray_small":
         if image_size is None:
             resize: Callable = ShrinkTo(GRAY_DEFAULT_MAX_SIZE)

@@ -208,7 +208,7 @@ class TrainedRun:
             if isinstance(item, Image.Image):
                 image = item
             elif isinstance(item, str | os.PathLike):
-                image = load_image(item, prep.in_chans, transform.draft_size)
+                image = load_image(item, prep.in_chans, transform.prepare)
             else:
                 raise InputError(f"a query must be an image path or a PIL image, got "
                                  f"{type(item).__name__}")
