@@ -92,7 +92,7 @@ def test_every_shipped_config_is_valid():
 @pytest.mark.parametrize("overrides, words", [
     (["data.name=cifar10"], ["invalid value for data.name: 'cifar10'", "'omniglot'", "'folder'"]),
     (["data.options.max_class=3"], ["data.options.max_class", "data.name='digits'",
-                                    "train_classes"]),
+                                    "train_digits"]),
     (["model.name=resnet51"], ["invalid value for model.name: 'resnet51'", "'resnet50'",
                                "'timm:<model name>'"]),
     (["model.options.widht=32"], ["model.options.widht", "width"]),

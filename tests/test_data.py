@@ -92,6 +92,28 @@ def test_digits_splits_and_items():
     assert again.val.class_names == splits.val.class_names  # deterministic given seed
 
 
+def test_no_dataset_option_shadows_an_argument_of_load_splits():
+    """``data.options`` go to the loader as keywords beside load_splits' own: a loader option
+    named like one of those (digits' old ``train_classes``) made every run of it a TypeError."""
+    import inspect
+
+    from nirdml.data import DATASETS
+
+    own = set(inspect.signature(load_splits).parameters) - {"name", "options", "root", "seed",
+                                                              "on_error"}
+    assert {"val_fraction", "folds", "fold", "train_classes", "class_seed"} <= own
+    for name in DATASETS.names():
+        taken = set(inspect.signature(DATASETS.get(name)).parameters)
+        assert not taken & own, f"dataset {name!r} option(s) {taken & own} shadow load_splits'"
+
+
+def test_digits_split_point_and_a_class_draw_go_together():
+    splits = load_splits("digits", val_fraction=0.0, train_digits=8, train_classes=3,
+                         class_seed=1)
+    assert len(splits.train.class_names) == 3 and set(splits.train.class_names) <= set(range(8))
+    assert splits.test.class_names == [8, 9]
+
+
 def test_a_small_training_set_is_a_seeded_draw_of_whole_classes_the_same_for_every_run_seed():
     full = load_splits("digits", val_fraction=0.0).train
     per_class = np.bincount(full.labels)

@@ -257,7 +257,7 @@ def test_sharded_proxies_give_single_process_gradients(tmp_path, world):
 # ---- a sharded torchrun run: resumed on another world size, it ends where it would have -------
 #: digits with 7 training classes (not divisible by 2 or 3) and a global batch of 36 = 6 classes
 #: x 6 samples, which splits into equal per-rank batches of whole classes on 1, 2 and 3 ranks
-SHARD_RUN = [*FAST, "train.epochs=2", "data.options.train_classes=7", "data.batch_size=36",
+SHARD_RUN = [*FAST, "train.epochs=2", "data.options.train_digits=7", "data.batch_size=36",
              "data.samples_per_class=6", "loss.shard=true"]
 
 
