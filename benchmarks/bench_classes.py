@@ -76,7 +76,7 @@ def _labels(num_classes: int, world: int, step: int, device) -> torch.Tensor:
 def _rank(rank: int, world: int, store_path: str, job: dict, out: str) -> None:
     from nirdml.losses import ProxyAnchorLoss
     from nirdml.losses.shard import ClassShard
-    from nirdml.training.distributed import gather_with_grad
+    from nirdml.training.distributed import end_worker_process, gather_with_grad
     from nirdml.training.row_adam import RowAdam
 
     torch.set_num_threads(1)
@@ -133,8 +133,10 @@ def _rank(rank: int, world: int, store_path: str, job: dict, out: str) -> None:
         torch.distributed.all_gather_object(rows, row)
         if rank == 0:
             Path(out).write_text(json.dumps(rows))
-    finally:
+    except BaseException:
         torch.distributed.destroy_process_group()
+        raise
+    end_worker_process()  # gloo may abort at a normal exit (see there)
 
 
 def run_job(job: dict, world: int) -> list[dict]:

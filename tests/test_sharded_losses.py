@@ -10,6 +10,7 @@ import torch
 from nirdml.errors import ConfigError
 from nirdml.losses import PROXY_LOSSES, build_loss
 from nirdml.losses.shard import ClassShard, NegativeSampler
+from nirdml.training.distributed import end_worker_process
 
 C, D = 13, 8
 LABELS = torch.tensor([0, 0, 3, 3, 5, 5, 12, 12, 7, 7])
@@ -212,8 +213,10 @@ def _rank_main(rank, world, store_path, out_path):
         torch.distributed.all_gather_object(everyone, bad)
         if rank == 0:
             torch.save([b for part in everyone for b in part], out_path)
-    finally:
+    except BaseException:
         torch.distributed.destroy_process_group()
+        raise
+    end_worker_process()  # gloo may abort at a normal exit (see there)
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(),

@@ -126,24 +126,12 @@ class DistContext:
         return cls(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
     def end_process(self, code: int = 0) -> None:
-        """End a worker process of a multi-process job, once its work is written and flushed.
-
-        Every rank waits for the others, then leaves with ``os._exit`` without interpreter
-        teardown. Measured reason: on torch 2.14 a gloo rank aborted now and then while exiting
-        normally (``terminate called without an active exception``, SIGABRT, in about one of
-        four runs of our test suite, with or without ``destroy_process_group``), which turns a
-        finished run into a failed one. NCCL's group is destroyed first, as it asks. With one
-        process this does nothing and returns. ``nirdml train`` calls it last; a script that
-        trains through the Python API under ``torchrun`` can call it the same way.
-        """
-        if not (self.enabled and dist.is_initialized()):
-            return
-        dist.barrier()
-        if dist.get_backend() == "nccl":
-            dist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        """End a worker process of a multi-process job, once its work is written and flushed
+        (:func:`end_worker_process`). With one process this does nothing and returns.
+        ``nirdml train`` calls it last; a script that trains through the Python API under
+        ``torchrun`` can call it the same way."""
+        if self.enabled:
+            end_worker_process(code)
 
     # ---- wrapping -------------------------------------------------------------------------
     def wrap_model(self, model: nn.Module) -> nn.Module:
@@ -226,3 +214,22 @@ class DistContext:
 
     def _comm_device(self) -> torch.device:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+
+def end_worker_process(code: int = 0) -> None:
+    """Every rank waits for the others, then leaves with ``os._exit`` without interpreter
+    teardown (nothing to do when no process group is up).
+
+    Measured reason: on torch 2.14 a gloo rank aborted now and then while exiting normally
+    (``terminate called without an active exception``, SIGABRT, in about one of four runs of
+    our test suite and one of five two-rank benchmark jobs, with or without
+    ``destroy_process_group``), which turns finished work into a failure. NCCL's group is
+    destroyed first, as it asks. Call it only once the rank's results are written."""
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    if dist.get_backend() == "nccl":
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
