@@ -265,3 +265,61 @@ def test_the_batcher_waits_for_company_only_under_load():
     out = asyncio.run(scenario())
     assert out[:5] == [6, 8, 10, 12, 14] and isinstance(out[5], ValueError)
     assert seen[0] == [1] and [len(b) for b in seen[1:]] == [4, 2]
+
+
+def test_thumbnails_come_only_from_the_gallery_folder_recorded_at_build_time(servers, tmp_path):
+    """A meta.json edited to list a file elsewhere (here: an image beside the gallery, in a
+    folder the listed paths' common prefix would have admitted) gets a 404 for it, in-process."""
+    from PIL import Image
+
+    from nirdml.serve.app import HTTPProblem, SearchService
+
+    r = servers["retriever"]
+    outside = servers["gallery"].parent / "elsewhere.png"
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(outside)
+    service = SearchService(r, servers["index"])
+    try:
+        assert service.thumbnail(0)[:8] == b"\x89PNG\r\n\x1a\n"  # a gallery file: served
+        real = r.index.paths[1]
+        r.index.paths[1] = str(outside)
+        try:
+            with pytest.raises(HTTPProblem, match="outside the gallery folder recorded"):
+                service.thumbnail(1)
+        finally:
+            r.index.paths[1] = real
+    finally:
+        service.executor.shutdown()
+        service.decoder.shutdown()
+
+
+def test_a_split_gallery_records_its_folder_and_serves_thumbnails_from_it(tmp_path):
+    from PIL import Image
+
+    from nirdml.serve.app import SearchService
+    from nirdml.training import Trainer
+    from nirdml.training.config import load_config
+
+    data = tmp_path / "data"
+    (data / "img").mkdir(parents=True)
+    lines = ["label,path,split"]
+    for i in range(24):
+        split, label = ("test", f"t{i % 2}") if i >= 16 else ("train", f"c{i % 4}")
+        Image.new("L", (8, 8), 10 * i).save(data / "img" / f"{i}.png")
+        lines.append(f"{label},img/{i}.png,{split}")
+    (data / "data.csv").write_text("\n".join(lines) + "\n")
+    cfg = load_config("digits", [
+        "data.name=csv", f"data.root={data / 'data.csv'}", "data.val_fraction=0",
+        "data.batch_size=8", "data.samples_per_class=2", "data.image_size=8",
+        "train.epochs=1", "train.progress=false", "train.tensorboard=false",
+        "model.embedding_dim=8", "train.select_on=last"])
+    Trainer(cfg, tmp_path / "run").fit()
+    r = Retriever.from_checkpoint(tmp_path / "run/checkpoints/best.pt", "split:test",
+                                  device="cpu")
+    assert r.index.source["kind"] == "split"
+    assert Path(r.index.source["root"]) == (data / "img").resolve()
+    service = SearchService(r, tmp_path / "index")
+    try:
+        assert service.thumbnail(0)[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        service.executor.shutdown()
+        service.decoder.shutdown()

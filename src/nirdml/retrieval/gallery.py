@@ -82,10 +82,12 @@ def embed_split(run, split: str, batch_size: int | None = None,
         rows = np.flatnonzero(np.asarray(emb.is_gallery, dtype=bool))
     paths = getattr(dataset, "paths", None)
     names = getattr(dataset, "class_names", None)
-    return Gallery(emb.embeddings[rows], np.asarray(emb.labels)[rows],
-                   None if paths is None else [os.path.abspath(paths[i]) for i in rows],
-                   None if names is None else [str(c) for c in names],
-                   {"kind": "split", "value": split, "dataset": run.config.data.name})
+    source: dict[str, Any] = {"kind": "split", "value": split, "dataset": run.config.data.name}
+    listed = None if paths is None else [os.path.abspath(paths[i]) for i in rows]
+    if listed:  # the folder its images lie in, recorded now: thumbnails are served from it only
+        source["root"] = str(Path(os.path.commonpath(listed)).resolve())
+    return Gallery(emb.embeddings[rows], np.asarray(emb.labels)[rows], listed,
+                   None if names is None else [str(c) for c in names], source)
 
 
 def embed_folder(run, folder: str, on_error: str = "skip", batch_size: int | None = None,

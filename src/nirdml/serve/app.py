@@ -73,16 +73,16 @@ class SearchService:
 
     # ---- helpers -------------------------------------------------------------------------
     def _gallery_roots(self) -> list[Path]:
-        """The folders thumbnails may come from: the gallery folder (or the common folder of
-        the listed files) and the index's own ``items/``."""
+        """The folders thumbnails may come from: the index's own ``items/`` and the gallery
+        folder recorded when the index was built (a folder gallery's folder, a dataset split's
+        dataset root). Nothing is inferred from the listed paths: a ``meta.json`` edited to list
+        files elsewhere gets no thumbnails for them."""
         roots = [(self.index_dir / "items").resolve()]
         source = self.index.source or {}
-        if source.get("kind") == "folder" and isinstance(source.get("value"), str):
-            roots.append(Path(source["value"]).resolve())
-        elif self.index.paths:
-            listed = [p for p in self.index.paths if os.path.isabs(p)]
-            if listed:
-                roots.append(Path(os.path.commonpath(listed)).resolve())
+        recorded = {"folder": source.get("value"), "split": source.get("root")}.get(
+            source.get("kind"))
+        if isinstance(recorded, str) and os.path.isabs(recorded):
+            roots.append(Path(recorded).resolve())
         return roots
 
     async def run(self, fn, *args):
@@ -153,7 +153,8 @@ class SearchService:
             raise HTTPProblem(404, f"there is no gallery image for item {item}")
         path = Path(paths[item]).resolve()
         if not any(path.is_relative_to(root) for root in self.roots):
-            raise HTTPProblem(404, f"item {item}'s file is outside the gallery's folders")
+            raise HTTPProblem(404, f"item {item}'s file is outside the gallery folder recorded "
+                                   f"with the index (rebuild the index to record one)")
         try:
             image = load_image(path, 3)
         except NirdmlError:
