@@ -48,7 +48,30 @@ def test_spectral_decay_matches_reference():
     rest = s[1:] / s[1:].sum()
     m = rest.size
     ref = sum((1 / m) * np.log((1 / m) / p) for p in rest)
-    assert spectral_decay(x) == pytest.approx(ref, rel=1e-10)
+    assert spectral_decay(x, form="full") == pytest.approx(ref, rel=1e-10)
+
+
+def test_spectral_decay_release_form_matches_a_truncated_svd_and_scipy_entropy():
+    """The authors' form: scikit-learn's TruncatedSVD (exact ARPACK solver) keeping D - 1
+    components of the normalised embeddings, the first dropped, KL(uniform || p) by scipy."""
+    from scipy.stats import entropy
+    from sklearn.decomposition import TruncatedSVD
+
+    x, _ = _data(n=300, d=12)
+    svd = TruncatedSVD(n_components=11, algorithm="arpack", random_state=0).fit(_norm(x))
+    s = np.sort(svd.singular_values_)[::-1][1:]
+    ref = entropy(np.full(s.size, 1 / s.size), s / s.sum())
+    assert spectral_decay(x) == pytest.approx(ref, rel=1e-8)
+    assert spectral_decay(x, form="release") == spectral_decay(x)
+    # a 64-wide layer mapped to 128 dimensions: rank 64, and rho is dominated by the zeros
+    rng = np.random.default_rng(0)
+    low = rng.normal(size=(2000, 64)) @ rng.normal(size=(64, 128))
+    from nirdml.analysis.diagnostics import numerical_rank
+
+    assert numerical_rank(low) == 64 and spectral_decay(low) > 5.0
+    assert np.isnan(spectral_decay(rng.normal(size=(10, 2))))
+    with pytest.raises(InputError, match="unknown spectral decay form"):
+        spectral_decay(x, form="paper")
 
 
 def test_spectral_decay_pads_when_fewer_samples_than_dims():
@@ -58,7 +81,7 @@ def test_spectral_decay_pads_when_fewer_samples_than_dims():
     p = np.maximum(s[1:] / s[1:].sum(), 1e-12)
     p /= p.sum()
     ref = np.mean(np.log((1 / 9) / p))
-    assert spectral_decay(x) == pytest.approx(ref, rel=1e-9)
+    assert spectral_decay(x, form="full") == pytest.approx(ref, rel=1e-9)
 
 
 def test_singular_values_blockwise_qr_matches_direct_svd():

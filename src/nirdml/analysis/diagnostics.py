@@ -9,9 +9,15 @@ Definitions (the paper, Roth et al. CVPR 2022, names the four numbers but publis
 definitions only for ``rho`` and ``pi_density``; ``sigma2_kappa`` and ``G2`` are *our* choices):
 
 - ``rho`` (:func:`spectral_decay`): singular values ``s_1 >= ... >= s_D`` of the *uncentred*
-  ``N x D`` matrix (zero-padded to D when N < D), the first dropped, the remaining ``D - 1``
-  normalised to sum 1 (``p``); values below ``eps`` are raised to ``eps`` and ``p`` renormalised;
-  ``rho = KL(U || p) = sum_i U_i log(U_i / p_i)`` with ``U`` uniform over the ``D - 1`` entries.
+  ``N x D`` matrix (zero-padded to D when N < D). The authors' form (``form="release"``, the
+  default, as their metric code computes it: a truncated SVD keeping ``D - 1`` components, the
+  first dropped) keeps ``s_2 .. s_{D-1}``; ``form="full"`` (``rho_full``, nirdml's earlier
+  ``rho``) keeps ``s_2 .. s_D``. The kept values are normalised to sum 1 (``p``); values below
+  ``eps`` are raised to ``eps`` and ``p`` renormalised; ``rho = KL(U || p) = sum_i U_i log(U_i /
+  p_i)`` (natural log) with ``U`` uniform over the kept entries. Either form is dominated by any
+  direction the embedding cannot use: a network whose last layer maps F < D features to D
+  dimensions has ``D - F - 1`` zero singular values, each adding about ``log(1 / (m eps)) / m``.
+  ``rank`` (:func:`numerical_rank`) says when that is the case.
 - ``pi_density`` (:func:`density_ratio`), as in Roth et al. 2020 ("Revisiting training
   strategies..."): ``pi_intra`` = mean over classes (with >= 2 samples) of the mean pairwise
   distance between that class's samples; ``pi_inter`` = mean pairwise distance between the class
@@ -148,22 +154,32 @@ def singular_values(embeddings) -> np.ndarray:
     return np.linalg.svd(x, compute_uv=False)
 
 
-def spectral_decay(embeddings, eps: float = EPS) -> float:
+SPECTRAL_FORMS = ("release", "full")
+
+
+def spectral_decay(embeddings, eps: float = EPS, form: str = "release") -> float:
     """Spectral decay ``rho = KL(U || p)`` (lower = more directions used).
 
     ``p``: the singular values of the L2-normalised, *uncentred* ``N x D`` embedding matrix, sorted
-    descending and zero-padded to D entries, without the first one, divided by their sum. Values
-    below ``max(N, D) * machine-eps * s_1`` count as exact zeros, entries of ``p`` below ``eps`` are
-    raised to ``eps`` (then ``p`` is renormalised), and if every remaining value is zero (rank 1)
-    ``p`` is one-hot (the most collapsed case). ``U`` is uniform over the ``D - 1`` entries.
+    descending and zero-padded to D entries, without the first one -- and, in the authors' form
+    (``form="release"``, their truncated SVD of ``D - 1`` components), without the last one --
+    divided by their sum. Values below ``max(N, D) * machine-eps * s_1`` count as exact zeros,
+    entries of ``p`` below ``eps`` are raised to ``eps`` (then ``p`` is renormalised), and if every
+    kept value is zero ``p`` is one-hot (the most collapsed case). ``U`` is uniform over the kept
+    entries. The release form needs D >= 3 (NaN below: nothing is kept).
     """
+    if form not in SPECTRAL_FORMS:
+        raise InputError(f"unknown spectral decay form {form!r}; choose one of "
+                         f"{', '.join(SPECTRAL_FORMS)}")
     x = normalize_embeddings(embeddings)
     n, d = x.shape
     s = np.zeros(d)
     sv = singular_values(x)
     s[: sv.size] = sv
     s[s < max(n, d) * np.finfo(np.float64).eps * s[0]] = 0.0
-    rest = s[1:]
+    rest = s[1:d - 1] if form == "release" else s[1:]
+    if rest.size == 0:
+        return float("nan")
     if rest.sum() > 0:
         p = rest / rest.sum()
     else:
@@ -173,6 +189,14 @@ def spectral_decay(embeddings, eps: float = EPS) -> float:
     p /= p.sum()
     m = rest.size
     return float(np.sum(np.log((1.0 / m) / p)) / m)
+
+
+def numerical_rank(embeddings) -> int:
+    """How many singular values of the normalised matrix exceed ``max(N, D) * machine-eps *
+    s_1`` (``spectral_decay``'s zero rule): the directions the embeddings actually use."""
+    x = normalize_embeddings(embeddings)
+    s = singular_values(x)
+    return int(np.sum(s >= max(x.shape) * np.finfo(np.float64).eps * s[0]))
 
 
 def density_ratio(embeddings, labels, block: int = BLOCK) -> float:
@@ -308,7 +332,8 @@ def sample_pair_distances(embeddings, labels, num_pairs: int = 20000, seed: int 
 
 def structure_report(embeddings, labels, t: float = 2.0, max_exact: int = 20000,
                      num_pairs: int = 2_000_000, seed: int = 0) -> dict:
-    """All diagnostics at once: ``rho``, ``pi_density``, ``sigma2_kappa``, ``g2``,
+    """All diagnostics at once: ``rho`` (and ``rho_full``, ``rank``), ``pi_density``,
+    ``sigma2_kappa``, ``g2``,
     ``intra_class`` (see :func:`intra_class_stats`), ``num_samples``, ``num_classes``.
 
     Degenerate embeddings -- a single class, or all rows collapsed to one direction -- are an
@@ -318,6 +343,8 @@ def structure_report(embeddings, labels, t: float = 2.0, max_exact: int = 20000,
     cls = _Classes(x, y)
     return {
         "rho": spectral_decay(x),
+        "rho_full": spectral_decay(x, form="full"),
+        "rank": numerical_rank(x),
         "pi_density": _density_ratio(cls),
         "sigma2_kappa": _cluster_size_variance(cls),
         "g2": uniformity_g2(x, t=t, max_exact=max_exact, num_pairs=num_pairs, seed=seed),

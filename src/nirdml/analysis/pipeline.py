@@ -221,5 +221,8 @@ def format_table(result: dict[str, Any]) -> str:
             ("g2", "lower")]
     lines = [f"{'metric':<14}{'value':>10}  better", "-" * 32]
     lines += [f"{k:<14}{result[k]:>10.4f}  {b}" for k, b in rows]
+    if "rho_full" in result:
+        lines.append(f"{'rho_full':<14}{result['rho_full']:>10.4f}  lower  (every direction "
+                     f"past the first; rank {result.get('rank', '?')} of the embedding)")
     lines.append(f"({result['num_samples']} samples, {result['num_classes']} classes)")
     return "\n".join(lines)
