@@ -183,7 +183,7 @@ def build_optimizer(cfg: Config, model: nn.Module, criterion: nn.Module) -> torc
             g["rows"] = g["name"] == "proxies"
         return (RowAdamW if o.name == "adamw" else RowAdam)(groups, lr=o.lr)
     cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-    return cls(groups, lr=o.lr)
+    return cls(groups, lr=o.lr, fused=o.fused or None)
 
 
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer):

@@ -63,6 +63,19 @@ def trainer_state(trainer) -> dict[str, Any]:
     }
 
 
+def _match_parameter_layout(optimizer) -> None:
+    """Give every loaded per-parameter state tensor (Adam's moments) its parameter's memory
+    layout. Checkpoints store tensors contiguous, and a channels-last convolution weight's
+    moments would come back in another layout: torch's fused Adam walks the parameter, its
+    gradient and its moments as raw memory of one layout, so the resumed run would update
+    mismatched elements (measured: a resumed run off the uninterrupted one by 1e-3)."""
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if (isinstance(value, torch.Tensor) and value.shape == param.shape
+                    and value.stride() != param.stride()):
+                state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
 def restore_trainer(trainer, state: dict[str, Any], where: str = "the checkpoint") -> None:
     """Put a checkpoint's state back into ``trainer`` (weights, optimiser, counters, RNG); a
     state that does not fit the trainer raises a one-line CheckpointError."""
@@ -82,6 +95,7 @@ def restore_trainer(trainer, state: dict[str, Any], where: str = "the checkpoint
                                             state["criterion"], state["optimizer"])
         trainer.criterion.load_state_dict(criterion)
         trainer.optimizer.load_state_dict(optimizer)
+        _match_parameter_layout(trainer.optimizer)
         if trainer.scheduler is not None and state["scheduler"] is not None:
             trainer.scheduler.load_state_dict(state["scheduler"])
         trainer.scaler.load_state_dict(state["scaler"])
