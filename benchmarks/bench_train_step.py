@@ -3,7 +3,11 @@
 Both arms are built from the same config (``--config``, default ``omniglot_pa``: small CNN,
 128-d, batch 90 of 2 per class, 868 training classes), on synthetic images of the config's size,
 and timed interleaved (A, B, A, B, ...) so that a busy machine slows both alike; the medians
-and their ratio are printed last. ``--preset resnet50`` measures the paper's step instead
+and their ratio are printed last (default arms: the base loss, NIR in the release's form and
+the setting-a study winner; target: NIR adds at most 20% to the step). On the CPU the flow's
+forward + backward alone is then timed against its matrix products at the same shapes, run
+interleaved in the same process (:func:`flow_gemm_replay`): how close the flow is to what its
+arithmetic costs (target: within 3x). ``--preset resnet50`` measures the paper's step instead
 (ResNet50, 224 px, 100 classes; use ``--device cuda --amp bf16`` on a GPU).
 
     python benchmarks/bench_train_step.py                         # small CNN on the CPU
@@ -83,6 +87,81 @@ def interleaved_medians(preset_name: str, arms: dict[str, list[str]], device: to
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def flow_gemm_replay(flow, batch: int, distinct: int):
+    """A callable running, on operands of the flow's own shapes (a separate weight per layer,
+    as in the flow), every matrix product one fused forward + backward of ``flow`` performs at
+    ``batch`` rows with ``distinct`` distinct conditions: the time its arithmetic costs at
+    this machine's GEMM rate on these shapes, measured in the same run as the flow."""
+    g = torch.Generator().manual_seed(0)
+    width, nh = flow.subnet_width, flow.subnet_depth - 2
+    n_sub = 2 * flow.num_blocks
+    l1, l2 = flow.split
+
+    def mk(*shape):
+        return torch.randn(*shape, generator=g)
+    subnets = []
+    for s in range(n_sub):
+        n_in, n_out = (l2, l1) if s % 2 == 0 else (l1, l2)
+        subnets.append((mk(width, n_in), mk(nh, width, width), mk(2 * n_out, width),
+                        mk(batch, n_in), mk(nh + 1, batch, width), mk(batch, 2 * n_out)))
+    n_cond = len(flow.cond_nets.cond_subnets)
+    w_cond, c_distinct = mk(n_cond * width, flow.cond_embed_dim), mk(distinct, flow.cond_dim)
+    g_cond = mk(batch, n_cond * width)
+
+    def run():
+        torch.mm(c_distinct, w_cond.t())
+        for w_in, w_hid, w_out, inp, acts, _ in subnets:  # forward
+            torch.mm(inp, w_in.t())
+            for j in range(nh):
+                torch.mm(acts[j], w_hid[j].t())
+            torch.mm(acts[nh], w_out.t())
+        for w_in, w_hid, w_out, inp, acts, g_out in subnets:  # backward
+            torch.mm(g_out.t(), acts[nh])
+            torch.mm(g_out, w_out)
+            for j in range(nh):
+                torch.mm(acts[j], w_hid[j])
+            torch.bmm(acts[:nh].transpose(1, 2), acts[1:])
+            torch.mm(acts[0].t(), inp)
+            torch.mm(acts[0], w_in)
+        torch.mm(g_cond, w_cond)
+        torch.mm(g_cond[:distinct].t(), c_distinct)
+    return run
+
+
+def flow_against_gemm(dim: int, batch: int, per_class: int, steps: int = 40
+                      ) -> dict[str, float]:
+    """Median ms of the flow's forward + backward (the paper's flow, fused path, NLL of a
+    batch of unit vectors given repeated unit conditions) and of its GEMM replay
+    (:func:`flow_gemm_replay`), interleaved on the CPU."""
+    from nirdml.nir.flow import ConditionalGlowFlow
+
+    torch.manual_seed(0)
+    flow = ConditionalGlowFlow(dim)
+    g = torch.Generator().manual_seed(1)
+    x = torch.nn.functional.normalize(torch.randn(batch, dim, generator=g), dim=1)
+    x.requires_grad_()
+    distinct = batch // per_class
+    conds = torch.nn.functional.normalize(torch.randn(distinct, dim, generator=g), dim=1)
+    conds.requires_grad_()
+
+    def flow_step():
+        flow.zero_grad(set_to_none=True)
+        x.grad = conds.grad = None
+        z, log_det = flow(x, conds.repeat_interleave(per_class, 0))
+        (0.5 * z.square().sum(1) - log_det).mean().backward()
+    gemm = flow_gemm_replay(flow, batch, distinct)
+    times: dict[str, list[float]] = {"flow": [], "gemm": []}
+    for _ in range(5):
+        flow_step()
+        gemm()
+    for _ in range(steps):
+        for name, fn in (("flow", flow_step), ("gemm", gemm)):
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,9 +175,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arm", dest="arms", action="append", default=[], metavar="NAME=K=V,K=V",
                    help="an arm and its overrides (repeatable; default: base and base + NIR), "
                         "e.g. --arm 'disc=loss.nir.enabled=true,loss.nir.mode=disc'")
+    p.add_argument("--no-flow", action="store_true",
+                   help="skip the flow-against-its-GEMM-time measurement (CPU only)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    arms = {"base": ["loss.nir.enabled=false"], "base + NIR": ["loss.nir.enabled=true"]}
+    arms = {"base": ["loss.nir.enabled=false"],
+            "+ NIR release": ["loss.nir.enabled=true"],
+            # the setting-a winner after its flow warm-up (set_epoch is not called here)
+            "+ NIR paper/dim+warmup": ["loss.nir.enabled=true", "loss.nir.mode=paper",
+                                       "loss.nir.per_dim=true", "loss.nir.weight=0.3",
+                                       "loss.nir.warmup_epochs=5"]}
     if args.arms:
         arms = {}
         for spec in args.arms:
@@ -114,6 +200,16 @@ def main(argv: list[str] | None = None) -> int:
     first = next(iter(med))
     for name, t in med.items():
         print(f"  {name:24s} {1000 * t:8.1f} ms/step  {t / med[first]:6.3f}x {first}")
+    if device.type == "cpu" and not args.no_flow:
+        from nirdml.training.config import load_config
+
+        cfg = load_config(preset["config"], [*preset["overrides"], *args.extra])
+        f = flow_against_gemm(cfg.model.embedding_dim, cfg.data.batch_size,
+                              cfg.data.samples_per_class, args.steps)
+        print(f"the flow alone (D={cfg.model.embedding_dim}, batch {cfg.data.batch_size}), "
+              f"forward + backward: {f['flow']:.2f} ms; its matrix products at the same "
+              f"shapes: {f['gemm']:.2f} ms; flow / GEMM = {f['flow'] / f['gemm']:.2f}x "
+              f"(target <= 3x)")
     return 0
 
 
