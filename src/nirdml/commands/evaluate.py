@@ -56,6 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="neighbour search / k-means backend (auto: faiss when installed)",
     )
     parser.add_argument(
+        "--precision", choices=("auto", "float32"), default="auto",
+        help="neighbour search in two passes (bfloat16 candidates, float32 re-scoring) where "
+             "the hardware has native bfloat16 and it pays (auto), or one float32 pass; the "
+             "metrics are the same",
+    )
+    parser.add_argument(
         "--rerank", default=None, metavar="NAME[:K=V,...]",
         help="re-rank the neighbour lists before the ranking metrics: none, alpha_qe, dba or "
         "k_reciprocal, optionally with parameters, e.g. alpha_qe:n=3,alpha=1 (default: none)",
@@ -83,6 +89,7 @@ def _evaluate_kwargs(args: argparse.Namespace, metrics=None, recall_ks=None) -> 
         "metrics": args.metrics or metrics or DEFAULT_METRICS,
         "recall_ks": tuple(args.recall_ks or recall_ks or DEFAULT_RECALL_KS),
         "backend": args.backend,
+        "precision": args.precision,
         "device": args.device,
         "kmeans_seed": args.kmeans_seed,
         "max_memory_mb": args.max_memory_mb,

@@ -18,7 +18,7 @@ from nirdml.console import progress_bar
 from nirdml.embeddings import check_labels, check_not_degenerate, check_selection, l2_normalize
 from nirdml.errors import ConfigError, InputError
 from nirdml.evaluation.clustering import CLUSTERING_METRICS, clustering_scores
-from nirdml.evaluation.knn import knn_blocks, resolve_backend
+from nirdml.evaluation.knn import check_precision, knn_blocks, resolve_backend
 from nirdml.evaluation.metrics import RANKING_METRICS, RankingAccumulator
 from nirdml.evaluation.names import DEFAULT_METRICS, DEFAULT_RECALL_KS
 
@@ -167,7 +167,8 @@ def _query_gallery(y: np.ndarray, q_mask: np.ndarray, g_mask: np.ndarray):
 
 def _ranking(spec, x, y, q_index, g_index, self_pos, r, c, backend, block_size, device,
              max_bytes, progress: str | None = None,
-             rerank: tuple[str, dict] | None = None) -> dict[str, float]:
+             rerank: tuple[str, dict] | None = None,
+             precision: str = "auto") -> dict[str, float]:
     """Search the neighbours of the non-lone queries block by block and average the metrics
     (``rerank``: a re-ranking method's name and parameters, applied to the full query set)."""
     keep = r > 0
@@ -212,6 +213,7 @@ def _ranking(spec, x, y, q_index, g_index, self_pos, r, c, backend, block_size, 
         max_memory_bytes=max_bytes,
         query_labels=q_labels,
         gallery_labels=g_labels,
+        precision=precision,
     ):
         rel = (g_labels[table] == q_labels[start:stop, None]) & (table >= 0)
         acc.update(rel, r_keep[start:stop], c_keep[start:stop])
@@ -309,6 +311,7 @@ def evaluate(
     progress: str | None = None,
     rerank: str | None = None,
     fnmr_at_fmr: Sequence[float] = (),
+    precision: str = "auto",
 ) -> dict:
     """Retrieval and clustering metrics of ``embeddings`` (N x D, numpy or torch) on cosine.
 
@@ -333,6 +336,9 @@ def evaluate(
     available). ``block_size`` / ``max_memory_mb`` bound the query blocks (default: from the
     memory available, at most 512 MiB). ``progress``: a name (e.g. ``"test"``) shows progress
     bars for the neighbour search and the clustering on a terminal (None, the default: none).
+    ``precision``: ``"auto"`` searches neighbours in two passes (bfloat16 candidates, float32
+    re-scoring; ``nirdml.evaluation.twopass``) where the hardware multiplies bfloat16 natively
+    and it pays, ``"float32"`` in one float32 pass; the metrics are the same.
 
     Degenerate data is an :class:`~nirdml.errors.InputError` (a
     ``nirdml.embeddings.DegenerateEmbeddingsError``) before any search: a single class among
@@ -362,6 +368,7 @@ def evaluate(
 
         device = resolve_device(device, "device")
     backend = resolve_backend(backend, device)
+    check_precision(precision)
     x = normalize_embeddings(embeddings)
     n = x.shape[0]
     y = check_labels(labels, n)
@@ -375,7 +382,8 @@ def evaluate(
     results: dict = {}
     if spec.ranking:
         results.update(_ranking(spec, x, y, q_index, g_index, self_pos, r, c, backend,
-                                block_size, device, max_bytes, progress, rerank_spec))
+                                block_size, device, max_bytes, progress, rerank_spec,
+                                precision))
     if spec.clustering:
         results.update(_clustering(spec, x, y, q_mask | g_mask, backend, kmeans_seed,
                                    kmeans_iters, cluster_fn, device, progress))

@@ -47,6 +47,10 @@ from nirdml.evaluation.ties import (  # noqa: F401 - part of this module's inter
 )
 
 BACKENDS = ("auto", "faiss", "torch")
+#: ``auto``: the two-pass search (bfloat16 candidates, float32 re-scoring:
+#: ``nirdml.evaluation.twopass``) where the hardware multiplies bfloat16 natively; ``float32``:
+#: one float32 pass. Both give the same neighbours and metrics.
+PRECISIONS = ("auto", "float32")
 _FAISS_GPU_MAX_K = 2048
 _DEFAULT_BUDGET = 512 * 2**20
 
@@ -235,16 +239,48 @@ class TorchSearcher:
         return best_s.cpu().numpy(), best_i.cpu().numpy().astype(np.int64, copy=False)
 
 
+def bf16_native(device=None) -> bool:
+    """Whether ``device`` (the CPU when None or "cpu") multiplies bfloat16 natively: AVX512-BF16
+    or AMX on a CPU, compute capability 8.0 or later on a CUDA GPU."""
+    import torch
+
+    device = torch.device(device or "cpu")
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported() and torch.cuda.get_device_capability(device)[0] >= 8
+    if device.type != "cpu":
+        return False
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without these probes: assume not
+        return False
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; choose one of "
+                          f"{', '.join(PRECISIONS)}")
+    return precision
+
+
 def make_searcher(
     gallery: np.ndarray, backend: str, device=None, tile: int | None = None,
-    tile_bytes: int = 256 * 2**20,
+    tile_bytes: int = 256 * 2**20, precision: str = "auto",
 ):
-    """A searcher over ``gallery`` (float32, L2-normalised) for a resolved backend name."""
+    """A searcher over ``gallery`` (float32, L2-normalised) for a resolved backend name; with
+    ``precision="auto"`` on hardware with native bfloat16, the two-pass searcher around it."""
+    check_precision(precision)
     if backend == "faiss":
-        return FaissSearcher(gallery, tile_bytes=tile_bytes)
-    if backend == "torch":
-        return TorchSearcher(gallery, device=device, tile=tile or 8192)
-    raise ConfigError(f"unknown backend {backend!r}")
+        searcher, where = FaissSearcher(gallery, tile_bytes=tile_bytes), "cpu"
+    elif backend == "torch":
+        searcher = TorchSearcher(gallery, device=device, tile=tile or 8192)
+        where = searcher.device
+    else:
+        raise ConfigError(f"unknown backend {backend!r}")
+    if precision == "auto" and bf16_native(where):
+        from nirdml.evaluation.twopass import TwoPassSearcher
+
+        searcher = TwoPassSearcher(gallery, searcher, device=where, budget=tile_bytes)
+    return searcher
 
 
 def query_block_size(width: int, backend: str, budget: int, tile: int = 8192) -> int:
@@ -267,6 +303,7 @@ def knn_blocks(
     searcher=None,
     query_labels: np.ndarray | None = None,
     gallery_labels: np.ndarray | None = None,
+    precision: str = "auto",
 ) -> Iterator[tuple[int, int, np.ndarray]]:
     """Yield ``(start, stop, neighbours)`` per query block in canonical order (module doc).
 
@@ -276,6 +313,7 @@ def knn_blocks(
     neighbours than that (only when the query is itself one of the gallery items).
     With ``query_labels`` and ``gallery_labels``, near ties between neighbours of equal relevance
     (same-class or not) are left in backend order: cheaper, and no metric can tell.
+    ``precision`` (:data:`PRECISIONS`): the two-pass bfloat16 search where it pays, or float32.
     """
     backend = resolve_backend(backend, device)
     n_gallery = gallery.shape[0]
@@ -296,7 +334,7 @@ def knn_blocks(
         if backend == "torch":
             tile = int(np.clip(budget // (4 * max(block_size, 1) * 2), 1024, 65536))
         searcher = make_searcher(gallery, backend, device=device, tile=tile,
-                                 tile_bytes=tile_bytes)
+                                 tile_bytes=tile_bytes, precision=precision)
     for start in range(0, queries.shape[0], block_size):
         stop = min(start + block_size, queries.shape[0])
         table = settle_rows(
