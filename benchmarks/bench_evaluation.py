@@ -9,7 +9,11 @@ classes of 2-12 samples, 12 super-classes so that negatives can be hard):
 2. our full SOP set alone (recall@{1,10,100,1000}, map@r, r_precision, map@1000, nmi);
 3. 1,000,000 x 128 with 100,000 classes, ours alone (recall@1, map@r) -- ``--skip-1m`` skips it,
    ``--1m-query-fraction F`` times only the first F of the queries (all 1M are the gallery) and
-   extrapolates the time linearly (the search is linear in the number of queries).
+   extrapolates the time linearly (the search is linear in the number of queries);
+4. the two-pass neighbour search (bfloat16 candidates, float32 re-scoring; ``precision="auto"``)
+   against one float32 pass, on the SOP set's selection metrics (recall@1, map@r), its full
+   set (k = 1000) and the 1M set: times side by side (alternating pairs with ``--repeat``),
+   their ratio, and whether every metric is identical (``--only-precision`` runs only this).
 
 Times cover the evaluation call only (data loading and imports excluded); RSS and the child's
 CPU time (user + sys, a check that is less sensitive to other jobs sharing the CPU) include them.
@@ -71,7 +75,7 @@ def make_data(n, n_classes, dim=128, lo=2, hi=12, seed=0, noise=1.15, n_super=12
 
 
 # ----------------------------------------------------------------------------- children
-def child(mode: str, data_dir: str, backend: str, fraction: float) -> None:
+def child(mode: str, data_dir: str, backend: str, fraction: float, precision: str) -> None:
     """Run one measurement and print one JSON line (time in seconds, results)."""
     x = np.load(os.path.join(data_dir, "x.npy"))
     y = np.load(os.path.join(data_dir, "y.npy"))
@@ -88,14 +92,17 @@ def child(mode: str, data_dir: str, backend: str, fraction: float) -> None:
     else:
         if backend in ("auto", "faiss"):
             import faiss  # noqa: F401  (import cost outside the timing, as for PML)
+        import nirdml.evaluation.twopass  # noqa: F401  (torch: imported by any real caller)
         from nirdml.evaluation import SOP_RECALL_KS, evaluate
 
-        kwargs = {"backend": backend}
+        kwargs = {"backend": backend, "precision": precision}
         if mode == "h2h":
             kwargs["metrics"] = H2H_METRICS
         elif mode == "full":
             kwargs.update(metrics=["recall", "map@r", "r_precision", "map@1000", "nmi"],
                           recall_ks=SOP_RECALL_KS)
+        elif mode == "select":  # what training selects on and the study reports
+            kwargs["metrics"] = ["recall@1", "map@r"]
         elif mode == "1m":
             kwargs["metrics"] = ["recall@1", "map@r"]
             if fraction < 1.0:
@@ -108,10 +115,11 @@ def child(mode: str, data_dir: str, backend: str, fraction: float) -> None:
     print("RESULT " + json.dumps({"seconds": seconds, "results": res}), flush=True)
 
 
-def run_child(mode: str, data_dir: str, backend: str = "auto", fraction: float = 1.0) -> dict:
+def run_child(mode: str, data_dir: str, backend: str = "auto", fraction: float = 1.0,
+              precision: str = "auto") -> dict:
     """Start a child, wait for it with ``os.wait4`` and return its result plus peak RSS (GiB)."""
     cmd = [sys.executable, __file__, "--child", mode, "--data", data_dir, "--backend", backend,
-           "--1m-query-fraction", str(fraction)]
+           "--1m-query-fraction", str(fraction), "--precision", precision]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -159,9 +167,12 @@ def main() -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--backend", default="auto", help=argparse.SUPPRESS)
+    ap.add_argument("--precision", default="auto", help=argparse.SUPPRESS)
+    ap.add_argument("--only-precision", action="store_true",
+                    help="run only part [4], the two-pass search against one float32 pass")
     args = ap.parse_args()
     if args.child:
-        child(args.child, args.data, args.backend, args.fraction)
+        child(args.child, args.data, args.backend, args.fraction, args.precision)
         return
 
     print(f"cpu cores: {os.cpu_count()}, load average at start: {os.getloadavg()}")
@@ -171,6 +182,15 @@ def main() -> None:
         print(f"SOP-sized data: {x.shape}, {len(np.unique(y))} classes, "
               f"sizes {np.bincount(y).min()}-{np.bincount(y).max()}")
 
+        if args.only_precision:
+            big = None
+            if not args.skip_1m:
+                x, y = make_data(int(1_000_000 * args.scale), int(100_000 * args.scale),
+                                 lo=2, hi=18, seed=1)
+                big = save_data(Path(tmp) / "1m", x, y)
+                del x, y
+            two_pass_against_float32(sop, big, args)
+            return
         print("\n[1] head to head (recall@1, map@r, r_precision)")
         pml_runs, our_runs = [], []
         for _ in range(args.repeat):  # alternate, so that changing CPU contention hits both
@@ -216,10 +236,41 @@ def main() -> None:
                 print(f"    extrapolated to all queries: {r1m['seconds'] / args.fraction:.0f} s")
             print("    " + ", ".join(f"{k}={v}" for k, v in r1m["results"].items()))
 
+        two_pass_against_float32(sop, big if not args.skip_1m else None, args)
         print(f"\nload average at end: {os.getloadavg()}")
         print(f"peak RSS ratio ours/PML: {ours['peak_rss_gib'] / pml['peak_rss_gib']:.3f}")
         print(f"time ratio ours/PML: {ours['seconds'] / pml['seconds']:.3f} "
               f"({pml['seconds'] / ours['seconds']:.2f}x faster)")
+
+
+def two_pass_against_float32(sop: str, big: str | None, args) -> None:
+    """Part [4]: evaluation with the two-pass search (bfloat16 candidates, float32 re-scoring)
+    against one float32 pass, in alternating pairs of fresh processes: times, their ratio, and
+    whether every metric is identical."""
+    from nirdml.evaluation.knn import bf16_native
+
+    print(f"\n[4] two passes (bfloat16 + float32 re-scoring) against one float32 pass; "
+          f"native bfloat16 on this CPU: {bf16_native()}")
+    cases = [("SOP selection set (recall@1, map@r)", "select", sop, 1.0),
+             ("SOP full set (k = 1000)", "full", sop, 1.0)]
+    if big is not None:
+        cases.append((f"1M (recall@1, map@r; {args.fraction:g} of queries)", "1m", big,
+                      args.fraction))
+    for title, mode, data, fraction in cases:
+        runs = {"float32": [], "auto": []}
+        for _ in range(max(args.repeat, 1)):
+            for precision in runs:
+                runs[precision].append(run_child(mode, data, fraction=fraction,
+                                                 precision=precision))
+        one, two = median_run(runs["float32"]), median_run(runs["auto"])
+        same = one["results"] == two["results"]
+        print(f"  {title}")
+        print(fmt("one float32 pass", one))
+        print(fmt("two passes", two))
+        print(f"    two passes / float32 time: {two['seconds'] / one['seconds']:.3f} "
+              f"({one['seconds'] / two['seconds']:.2f}x faster); metrics identical: {same}")
+        if not same:
+            print(f"    float32: {one['results']}\n    two pass: {two['results']}")
 
 
 if __name__ == "__main__":
