@@ -25,13 +25,16 @@ def clustered(n: int, dim: int, classes: int, seed: int = 0, noise: float = 0.6)
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Two-pass on small data: 256-item chunks, every k screened, on any CPU."""
+    from nirdml.evaluation import twopass
+
     monkeypatch.setattr(TwoPassSearcher, "chunk", 256)
+    monkeypatch.setattr(twopass, "BF16_CROSSOVER", 1)
     monkeypatch.setattr(knn, "bf16_native", lambda device=None: True)
     real = TwoPassSearcher.__init__
     made = []
 
     def init(self, *args, **kwargs):
-        real(self, *args, **{**kwargs, "always": True})
+        real(self, *args, **kwargs)
         made.append(self)
     monkeypatch.setattr(TwoPassSearcher, "__init__", init)
     return made
@@ -151,3 +154,18 @@ def test_precision_is_checked():
     with pytest.raises(ConfigError, match="unknown precision 'bf16'"):
         evaluate(x, y, precision="bf16")
     assert score_tolerance(32) > 0  # the tie rule both searches share
+
+
+def test_the_two_passes_are_used_only_where_they_pay(monkeypatch):
+    """On native-bfloat16 hardware: small k over a large gallery goes two ways; k = 1000 over
+    60k x 128 (re-scoring 1.3 k candidates a query costs more than bfloat16 saves), a small
+    gallery, or precision="float32" stay on one float32 pass."""
+    monkeypatch.setattr(knn, "bf16_native", lambda device=None: True)
+    x, _ = clustered(20000, 128, 50)
+    assert isinstance(knn.make_searcher(x, "faiss", k=20), TwoPassSearcher)
+    assert TwoPassSearcher.pays(60502, 128, 200) and not TwoPassSearcher.pays(60502, 128, 1040)
+    assert isinstance(knn.make_searcher(x, "faiss", k=1040), FaissSearcher)
+    assert isinstance(knn.make_searcher(x[:4000], "faiss", k=20), FaissSearcher)
+    assert isinstance(knn.make_searcher(x, "faiss", k=20, precision="float32"), FaissSearcher)
+    monkeypatch.setattr(knn, "bf16_native", lambda device=None: False)
+    assert isinstance(knn.make_searcher(x, "faiss", k=20), FaissSearcher)

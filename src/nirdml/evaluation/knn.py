@@ -264,10 +264,11 @@ def check_precision(precision: str) -> str:
 
 def make_searcher(
     gallery: np.ndarray, backend: str, device=None, tile: int | None = None,
-    tile_bytes: int = 256 * 2**20, precision: str = "auto",
+    tile_bytes: int = 256 * 2**20, precision: str = "auto", k: int | None = None,
 ):
     """A searcher over ``gallery`` (float32, L2-normalised) for a resolved backend name; with
-    ``precision="auto"`` on hardware with native bfloat16, the two-pass searcher around it."""
+    ``precision="auto"`` on hardware with native bfloat16, the two-pass searcher around it
+    (unless ``k``, the neighbours the caller will ask for, is where it would not pay)."""
     check_precision(precision)
     if backend == "faiss":
         searcher, where = FaissSearcher(gallery, tile_bytes=tile_bytes), "cpu"
@@ -279,7 +280,8 @@ def make_searcher(
     if precision == "auto" and bf16_native(where):
         from nirdml.evaluation.twopass import TwoPassSearcher
 
-        searcher = TwoPassSearcher(gallery, searcher, device=where, budget=tile_bytes)
+        if k is None or TwoPassSearcher.pays(*gallery.shape, k):
+            searcher = TwoPassSearcher(gallery, searcher, device=where, budget=tile_bytes)
     return searcher
 
 
@@ -334,7 +336,8 @@ def knn_blocks(
         if backend == "torch":
             tile = int(np.clip(budget // (4 * max(block_size, 1) * 2), 1024, 65536))
         searcher = make_searcher(gallery, backend, device=device, tile=tile,
-                                 tile_bytes=tile_bytes, precision=precision)
+                                 tile_bytes=tile_bytes, precision=precision,
+                                 k=width + 1 + extra)
     for start in range(0, queries.shape[0], block_size):
         stop = min(start + block_size, queries.shape[0])
         table = settle_rows(

@@ -113,9 +113,17 @@ class TwoPassSearcher:
     # ------------------------------------------------------------------ choices
     def handles(self, k: int) -> bool:
         """Whether a search for ``k`` is screened here (else wholly the fallback's)."""
-        if not (self.n >= 8 * self.chunk and 0 < k <= self.n // 8):
+        return self.pays(self.n, self.dim, k, self.chunk, self.always)
+
+    @staticmethod
+    def pays(n: int, dim: int, k: int, chunk: int | None = None, always: bool = False) -> bool:
+        """Whether searching ``k`` neighbours among ``n`` items of ``dim`` goes two ways: a
+        gallery of at least 8 chunks, ``k <= n / 8``, and (unless ``always``) ``k <= n dim /
+        BF16_CROSSOVER``."""
+        chunk = TwoPassSearcher.chunk if chunk is None else chunk
+        if not (n >= 8 * chunk and 0 < k <= n // 8):
             return False
-        return self.always or k * BF16_CROSSOVER <= self.n * self.dim
+        return always or k * BF16_CROSSOVER <= n * dim
 
     def block_for(self, k: int) -> int:
         """Items per block of maxima: 64, or fewer when ``k`` needs more blocks."""
