@@ -306,6 +306,34 @@ class TimmTrunk(nn.Module):
         return f"layout={self.layout!r}, feature_dim={self.feature_dim}"
 
 
+#: what a timm model needs for ``split_trunk``: EfficientNet/MobileNet-style stages
+_STAGED = ("conv_stem", "bn1", "blocks", "conv_head", "bn2")
+
+
+def split_trunk(backbone: nn.Module, trainable_blocks: int) -> tuple[nn.Module, nn.Module]:
+    """``(frozen, trainable)`` with ``trainable(frozen(x)) == backbone(x)``: the last
+    ``trainable_blocks`` blocks of a timm EfficientNet/MobileNet-style trunk (its stages'
+    blocks in order, then ``conv_head`` and ``bn2``) against everything before them (the
+    modules are the backbone's own, not copies). For fine-tuning the end of a pretrained trunk
+    on the cached input of that end (``model.trainable_blocks``)."""
+    *prefix, trunk = list(backbone) if isinstance(backbone, nn.Sequential) else [backbone]
+    model = getattr(trunk, "model", None)
+    if not (isinstance(trunk, TimmTrunk) and trunk.layout == "nchw"
+            and all(hasattr(model, a) for a in _STAGED)):
+        raise ConfigError(
+            f"model.trainable_blocks needs a trunk made of stages of blocks (efficientnet_lite0 "
+            f"or a timm EfficientNet/MobileNet); {type(trunk).__name__} is not one: use "
+            f"model.trainable_blocks=0 (pooled features) or train the whole backbone")
+    blocks = [block for stage in model.blocks for block in stage]
+    n = trainable_blocks
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(blocks):
+        raise ConfigError(f"invalid value for model.trainable_blocks: {n!r}; the trunk has "
+                          f"{len(blocks)} blocks: choose 1..{len(blocks)} (0: none train)")
+    frozen = nn.Sequential(*prefix, model.conv_stem, model.bn1, *blocks[:-n])
+    trainable = nn.Sequential(*blocks[-n:], model.conv_head, model.bn2)
+    return frozen, trainable
+
+
 @BACKBONES.register("timm")
 def timm_backbone(
     model_name: str,

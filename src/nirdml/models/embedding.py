@@ -7,6 +7,8 @@ builds the named backbones (ResNets, a small CNN, timm models) around it.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -116,6 +118,9 @@ class EmbeddingModel(nn.Module):
         self.freeze_bn = bool(freeze_bn)
         # Set by build_model: the keyword arguments that rebuild this architecture.
         self.build_config: dict = {}
+        # Set by set_cut: (the trainable end of the backbone, the shape of its input), in a
+        # tuple so that the end's modules are not registered a second time (state dict keys)
+        self._cut: tuple[nn.Module, tuple[int, ...]] | None = None
         self.train(self.training)  # puts the BN layers into eval mode right away if frozen
 
     # ----------------------------------------------------------------- forward
@@ -125,6 +130,9 @@ class EmbeddingModel(nn.Module):
         A 2-D input ``(B, feature_dim)`` is taken as features already pooled by this backbone
         (a frozen backbone's cached features, see ``nirdml.data.features``) and returned as is.
         """
+        if self._cut is not None and images.dim() == 2 \
+                and images.shape[1] == math.prod(self.cut_shape):
+            return self.pool(self._cut[0](images.view(-1, *self.cut_shape)))
         if images.dim() == 2 and images.shape[1] == self.feature_dim:
             return images
         if images.dim() != 4:
@@ -158,15 +166,33 @@ class EmbeddingModel(nn.Module):
         return [p for p in self.parameters() if id(p) not in backbone_ids]
 
     # ------------------------------------------------------------- freezing
-    def freeze_backbone(self, frozen: bool = True) -> None:
-        """Turn ``requires_grad`` off (``frozen=True``) or on for every backbone parameter.
+    def set_cut(self, trainable: nn.Module, shape: tuple[int, ...]) -> None:
+        """Train only ``trainable``, the end of the backbone (``split_trunk``), on its cached
+        input: ``forward`` then also takes rows of ``prod(shape)`` numbers (that input,
+        flattened) and runs them through ``trainable`` and the pooling. Images still go
+        through the whole backbone."""
+        own = {id(p) for p in self.backbone.parameters()}
+        if not all(id(p) in own for p in trainable.parameters()):
+            raise ConfigError("set_cut: the trainable part must be modules of this backbone")
+        self._cut = (trainable, tuple(int(d) for d in shape))
 
-        Used for the warm-up epochs where only the head, proxies and flow train. Unfreezing
-        turns on *all* backbone parameters. BatchNorm running statistics are governed by
-        ``freeze_bn`` / train mode, not by this switch.
+    @property
+    def cut_shape(self) -> tuple[int, ...] | None:
+        """The shape of the cached input of the trainable end (``set_cut``), or None."""
+        return None if self._cut is None else self._cut[1]
+
+    def freeze_backbone(self, frozen: bool = True) -> None:
+        """Turn ``requires_grad`` off (``frozen=True``) or on for the backbone's parameters:
+        all of them, or with a cut (:meth:`set_cut`) the trainable end's only.
+
+        Used for the warm-up epochs where only the head, proxies and flow train. BatchNorm
+        running statistics are governed by ``freeze_bn`` / train mode, not by this switch.
         """
         for p in self.backbone.parameters():
-            p.requires_grad_(not frozen)
+            p.requires_grad_(not frozen and self._cut is None)
+        if not frozen and self._cut is not None:
+            for p in self._cut[0].parameters():
+                p.requires_grad_(True)
 
     @property
     def backbone_frozen(self) -> bool:

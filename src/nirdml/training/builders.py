@@ -77,11 +77,26 @@ def build_feature_splits(cfg: Config, model: nn.Module, splits, device: torch.de
     from nirdml.data import build_transforms
     from nirdml.data.features import feature_splits
 
-    encoder = torch.nn.Sequential(model.backbone, model.pool)
     transform = build_transforms(splits.image_kind, train=False, image_size=cfg.data.image_size)
+    if cfg.model.trainable_blocks:  # the input of the trainable end, flattened
+        from nirdml.models.backbones import split_trunk
+
+        frozen, trainable = split_trunk(model.backbone, cfg.model.trainable_blocks)
+        splits.train.transform = transform  # as feature_splits encodes it
+        sample = splits.train[0][0]
+        with torch.no_grad():
+            was = frozen.training
+            shape = tuple(frozen.eval()(sample[None].to(device)).shape[1:])
+            frozen.train(was)
+        model.set_cut(trainable, shape)
+        encoder = torch.nn.Sequential(frozen, torch.nn.Flatten())
+    else:
+        encoder = torch.nn.Sequential(model.backbone, model.pool)
     model_cfg = dataclasses.asdict(cfg.model)
     for key in ("embedding_dim", "head_hidden", "frozen_backbone", "freeze_bn"):
         model_cfg.pop(key)  # the head does not change the features
+    if not model_cfg["trainable_blocks"]:
+        model_cfg.pop("trainable_blocks")  # keeps the keys of the pooled-feature caches
     data_keys = ["name", "root", "options", "image_size", "val_fraction"]
     if cfg.data.folds:  # only then: keeps the cache keys of runs without folds
         data_keys += ["folds", "fold"]

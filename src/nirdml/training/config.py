@@ -61,7 +61,10 @@ class ModelConfig:
     ``head_hidden``: widths of an MLP head (empty: one Linear layer). ``frozen_backbone``: the
     backbone never trains; its pooled features of every split are computed once, without
     augmentation, and cached on disk (``data.feature_cache``), and only the head, proxies and
-    flow train on them (``nirdml.data.features``).
+    flow train on them (``nirdml.data.features``). ``trainable_blocks`` (with
+    ``frozen_backbone``): the backbone's last that many blocks train too, on their cached input
+    (``nirdml.models.backbones.split_trunk``): fine-tuning the end of a pretrained trunk at the
+    cost of that end only.
     """
 
     name: str = "resnet50"
@@ -72,6 +75,7 @@ class ModelConfig:
     weights_path: str | None = None
     head_hidden: list[int] = field(default_factory=list)
     frozen_backbone: bool = False
+    trainable_blocks: int = 0
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -293,6 +297,12 @@ class Config:
              "data.train_classes", ">= 2 (two classes to train on) or null (every class)"),
             (self.data.num_workers >= 0, "data.num_workers", ">= 0"),
             (self.model.embedding_dim >= 2, "model.embedding_dim", ">= 2"),
+            (self.model.trainable_blocks >= 0, "model.trainable_blocks",
+             ">= 0 (0: the frozen backbone's pooled features are cached)"),
+            (self.model.trainable_blocks == 0 or self.model.frozen_backbone,
+             "model.trainable_blocks",
+             "0 unless model.frozen_backbone=true (the blocks before the cut are the frozen "
+             "part; without it the whole backbone trains anyway)"),
             (self.optim.lr > 0, "optim.lr", "> 0"),
             (self.optim.weight_decay >= 0, "optim.weight_decay", ">= 0"),
             (self.optim.warmup_epochs >= 0, "optim.warmup_epochs", ">= 0"),

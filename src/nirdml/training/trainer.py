@@ -153,7 +153,7 @@ class Trainer:
         cfg = self.cfg
         self.model.train()
         self.criterion.train()
-        self.model.freeze_backbone(cfg.model.frozen_backbone
+        self.model.freeze_backbone((cfg.model.frozen_backbone and not cfg.model.trainable_blocks)
                                    or self.epoch < cfg.optim.warmup_epochs)
         if hasattr(self.criterion, "set_epoch"):
             self.criterion.set_epoch(self.epoch)
