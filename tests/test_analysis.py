@@ -491,3 +491,40 @@ def test_analyze_real_digits_checkpoint(tmp_path):
     own = crit.flow.nll(x, torch.nn.functional.normalize(crit.base_loss.proxies[y], dim=1))
     assert got["nll_own_proxy"] == pytest.approx(own.mean().item(), rel=1e-5)
     assert np.isfinite(res["flow_samples"]["condition_gain_nats"])
+
+
+@pytest.mark.slow
+def test_study_structure_script_measures_the_runs_of_a_study_folder(tmp_path):
+    """benchmarks/study_structure.py on a one-arm study of two digits runs: the cached
+    structure numbers equal structure_report on the checkpoint's test embeddings, and the
+    convergence epoch is read from metrics.jsonl."""
+    import importlib.util
+    from pathlib import Path
+
+    from nirdml.analysis.diagnostics import structure_report
+    from nirdml.inference import TrainedRun
+    from nirdml.training import Trainer
+    from nirdml.training.config import load_config
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "study_structure.py"
+    spec = importlib.util.spec_from_file_location("study_structure", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    folder = tmp_path / "x" / "proxy_anchor"
+    for seed in (1, 2):
+        cfg = load_config("digits", [f"seed={seed}", "train.epochs=3", "train.progress=false",
+                                     "data.val_fraction=0.3", "data.options.train_digits=7",
+                                     "train.select_on=val",
+                                     "train.tensorboard=false", "model.embedding_dim=16"])
+        Trainer(cfg, folder / "runs" / f"base-seed{seed}").fit()
+    (folder / "test.json").write_text(json.dumps([{"arm": "base"}]))
+    text = mod.report(tmp_path, ["x"], "proxy_anchor", ["test"])
+    assert "## Setting x, test split" in text
+    got = json.loads((folder / "runs" / "base-seed1" / "structure.json").read_text())["test"]
+    emb = TrainedRun.open(folder / "runs" / "base-seed1" / "checkpoints" / "best.pt",
+                          "cpu").embed("test")
+    want = structure_report(emb.embeddings, emb.labels)
+    for key in ("rho", "rho_full", "pi_density", "sigma2_kappa", "g2"):
+        assert got[key] == pytest.approx(want[key], rel=1e-6)
+    rows = json.loads((tmp_path / "structure.json").read_text())["x"]
+    assert rows[0]["seeds"] == [1, 2] and 1 <= rows[0]["epochs_to_95"][0] <= 3
