@@ -14,7 +14,9 @@ Parts (each timed, each failure recorded, none stops the others):
 3. ``flow``: the flow alone at batch 90, D = 128 and 512: eager (fused backward), replayed
    from CUDA graphs, and ``torch.compile(mode="reduce-overhead")``, ms per forward+backward.
 4. ``evaluation``: exact evaluation of 1,000,000 x 128 embeddings of 100,000 classes
-   (recall@1, MAP@R): wall time and peak GPU memory.
+   (recall@1, MAP@R) in one float32 pass and in two passes (bfloat16 candidates on the tensor
+   cores, float32 re-scoring): wall time and peak GPU memory of each, and whether every metric
+   is identical (a difference fails the part).
 5. ``omniglot``: one epoch of ``omniglot_pa`` and ``omniglot_pa_nir`` (``--data-root``: the
    Omniglot folder; ``../shared`` is not beside the checkout on a lent GPU machine), images/s.
 6. ``classes``: ``benchmarks/bench_classes.py`` with NCCL on 2 GPUs (replicated against
@@ -137,16 +139,28 @@ def part_evaluation(args, device) -> dict:
     labels = torch.randint(0, classes, (n,), generator=g)
     centres = torch.randn(classes, d, generator=g)
     x = (centres[labels] + 0.8 * torch.randn(n, d, generator=g)).numpy()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t = time.perf_counter()
-    res = evaluate(x, labels.numpy(), metrics=["recall@1", "map@r"], device=device)
-    seconds = time.perf_counter() - t
-    out = {"n": n, "dim": d, "classes": classes, "seconds": seconds,
-           "recall@1": res["recall@1"], "map@r": res["map@r"],
-           "flop": 2.0 * n * n * d}
-    if device.type == "cuda":
-        out["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    from nirdml.evaluation.knn import bf16_native
+
+    out = {"n": n, "dim": d, "classes": classes, "flop": 2.0 * n * n * d,
+           "bf16_native": bf16_native(device)}
+    results = {}
+    # one float32 pass, then the two-pass search (bfloat16 candidates, float32 re-scoring;
+    # on sm80+ tensor cores): the same metrics, and the time of each
+    for precision in ("float32", "auto"):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t = time.perf_counter()
+        res = evaluate(x, labels.numpy(), metrics=["recall@1", "map@r"], device=device,
+                       precision=precision)
+        results[precision] = res
+        key = "" if precision == "float32" else "_two_pass"
+        out[f"seconds{key}"] = time.perf_counter() - t
+        out[f"recall@1{key}"], out[f"map@r{key}"] = res["recall@1"], res["map@r"]
+        if device.type == "cuda":
+            out[f"peak_gpu_gib{key}"] = torch.cuda.max_memory_allocated(device) / 2**30
+    out["two_pass_identical"] = results["auto"] == results["float32"]
+    if not out["two_pass_identical"]:
+        raise RuntimeError(f"two-pass metrics differ from float32: {results}")
     return out
 
 

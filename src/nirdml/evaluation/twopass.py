@@ -232,7 +232,7 @@ class TwoPassSearcher:
         if self.numpy:
             part = np.partition(values.numpy(), m - k, axis=1)[:, m - k:]
             return torch.from_numpy(np.ascontiguousarray(part))
-        return torch.topk(values, k, dim=1, sorted=False).values
+        return torch.topk(values.int(), k, dim=1, sorted=False).values.short()
 
     def _threshold(self, top: torch.Tensor, e_q: torch.Tensor):
         """``(theta key, usable)`` per row from the k largest block maxima so far (monotone
