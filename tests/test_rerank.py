@@ -96,6 +96,27 @@ def test_k_reciprocal_equals_the_papers_dense_definition(k1, k2, lam):
     np.testing.assert_array_equal(ids, expect)
 
 
+@pytest.mark.parametrize("k1,k2,lam", [(6, 3, 0.3), (10, 1, 0.1), (4, 5, 0.6)])
+def test_served_k_reciprocal_equals_the_evaluation_one_query_at_a_time(k1, k2, lam):
+    """IndexReranker's k-reciprocal (the gallery's lists searched once, each query added on its
+    own) ranks every outside query as rerank() does over gallery + that query."""
+    from nirdml.evaluation.rerank import IndexReranker
+
+    x, _ = _data(seed=3, classes=15, per=8, dim=6)
+    q, g = x[:12], x[12:]
+    served = IndexReranker(f"k_reciprocal:k1={k1},k2={k2},lambda={lam},shortlist=30", g)
+    ids, scores = served.search(q, 25)
+    for row in range(q.shape[0]):
+        want_ids, want = rerank("k_reciprocal", q[row:row + 1], g, 25, np.array([-1]),
+                                k1=k1, k2=k2, lambda_=lam, shortlist=30)
+        np.testing.assert_allclose(scores[row], want[0], atol=1e-5)
+        same = ids[row] == want_ids[0]
+        # a different id only where two final distances tie to float rounding
+        assert same.all() or np.all(np.abs(np.diff(want[0]))[~same[:-1]] < 1e-5)
+    with pytest.raises(ConfigError, match="more than k1 items"):
+        IndexReranker("k_reciprocal:k1=40", g[:30])
+
+
 def test_rerank_none_is_the_plain_evaluation_and_reranking_changes_only_ranking_metrics():
     x, y = _data(seed=2, classes=20, per=5)
     plain = evaluate(x, y, ["recall@1", "map@r", "nmi"])
@@ -115,6 +136,7 @@ def test_rerank_none_is_the_plain_evaluation_and_reranking_changes_only_ranking_
                                       ("alpha_qe:k1=3", "takes n, alpha"),
                                       ("dba:n=x", "n must be a int"),
                                       ("k_reciprocal:lambda=2", "lambda_ must be in"),
+                                      ("k_reciprocal:k1=4,k2=6", "k2 .* at most k1 \\+ 1"),
                                       ("alpha_qe:n=0", "n must be >= 1")])
 def test_bad_rerank_specs_are_one_line_errors(text, err):
     with pytest.raises(ConfigError, match=err):

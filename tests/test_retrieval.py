@@ -308,8 +308,9 @@ def test_index_and_search_commands(files, tmp_path, capsys):
     assert [h["same_item"] for h in doc["queries"][0]["results"]] == \
         [h["score"] > threshold for h in doc["queries"][0]["results"]]
     assert main(["search", "--index", str(cal), "--query", query, "--rerank",
-                 "k_reciprocal"]) == 2
-    assert "for evaluate only" in capsys.readouterr().err
+                 "k_reciprocal:k1=4,k2=2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rerank"] == \
+        "k_reciprocal:k1=4,k2=2,lambda_=0.3,shortlist=100"
 
 
 def test_split_gallery(tmp_path):
@@ -467,8 +468,12 @@ def test_index_match_decision_and_reranked_search(tmp_path):
         np.testing.assert_array_equal(got.ids, ids)
         np.testing.assert_allclose(got.scores, scores, atol=1e-6)
         assert got.rerank.startswith(name)
-    with pytest.raises(ConfigError, match="for evaluate only"):
-        back.search(q, k=3, rerank="k_reciprocal")
+    # k-reciprocal on a served index: each query re-ranked over the gallery and itself
+    got = back.search(q, k=3, rerank="k_reciprocal:k1=3,k2=2")
+    for row in range(q.shape[0]):
+        ids, scores = rerank("k_reciprocal", qn[row:row + 1].astype(np.float32), g, 3,
+                             k1=3, k2=2)
+        np.testing.assert_allclose(got.scores[row], scores[0], atol=1e-5)
     meta = json.loads((tmp_path / "idx" / "meta.json").read_text())
     meta["match"] = {"target_fmr": 2.0, "threshold": 0.5, "fmr": 0.0, "fnmr": 0.0}
     (tmp_path / "idx" / "meta.json").write_text(json.dumps(meta))

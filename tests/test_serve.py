@@ -111,6 +111,11 @@ def test_search_health_page_and_thumbnails(servers):
     assert status == 200 and doc["rerank"] == "dba:n=2,alpha=3.0"
     assert [h["id"] for h in doc["queries"][0]["results"]] == \
         r.index.search(emb, 3, rerank="dba:n=2").ids[0].tolist()
+    status, doc = call(base, "/search?k=3&rerank=k_reciprocal:k1=3,k2=2", json.dumps(
+        {"embeddings": emb.tolist()}).encode(), "POST", "application/json")
+    assert status == 200 and doc["rerank"].startswith("k_reciprocal:k1=3,k2=2")
+    assert [h["id"] for h in doc["queries"][0]["results"]] == \
+        r.index.search(emb, 3, rerank="k_reciprocal:k1=3,k2=2").ids[0].tolist()
     status, png = call(base, hits[1]["thumbnail"])
     assert status == 200 and png[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -130,7 +135,7 @@ def bomb_png() -> bytes:
     ("/search", b"x" * 60_000, "image/png", 413, "limit"),
     ("/search", "bomb", "image/png", 413, "2000 x 2000 pixels"),
     ("/search?k=0", "bomb", "image/png", 400, "k must be an integer"),
-    ("/search?rerank=k_reciprocal", b"", "image/png", 400, "for evaluate only"),
+    ("/search?rerank=k_reciprocal:k1=3,k2=9", b"", "image/png", 400, "at most k1 + 1"),
     ("/search", b"{not json", "application/json", 400, "a JSON query must be"),
     ("/search", b'{"embeddings": [[1, 2]]}', "application/json", 400, "shape (Q, 16)"),
     ("/items", b"", "image/png", 400, "name the new item's class"),

@@ -246,6 +246,10 @@ def check_params(name: str, params: dict[str, Any]) -> None:
         if bad:
             allowed = "in [0, 1]" if key == "lambda_" else f">= {low}"
             raise ConfigError(f"re-ranking {name}: {key} must be {allowed}, got {value!r}")
+    if name == "k_reciprocal" and params["k2"] > params["k1"] + 1:
+        raise ConfigError(f"re-ranking k_reciprocal: k2 (the local expansion) must be at most "
+                          f"k1 + 1 (the neighbours each point keeps), got k2={params['k2']}, "
+                          f"k1={params['k1']}")
 
 
 def rerank(name: str, queries: np.ndarray, gallery: np.ndarray, depth: int,
@@ -265,39 +269,150 @@ def rerank(name: str, queries: np.ndarray, gallery: np.ndarray, depth: int,
 
 # ---------------------------------------------------------------------------------- served
 def parse_served(spec: str | None) -> tuple[str, dict[str, Any]]:
-    """:func:`parse_rerank` for a served index: ConfigError for ``k_reciprocal``."""
-    name, params = parse_rerank(spec)
-    if name == "k_reciprocal":
-        raise ConfigError("k_reciprocal re-ranking re-encodes the whole gallery with every "
-                          "query batch: it is for evaluate only; use alpha_qe or dba here")
-    return name, params
+    """:func:`parse_rerank` for a served index (every method; kept as the served entry point)."""
+    return parse_rerank(spec)
+
+
+class _OneQueryReciprocal:
+    """k-reciprocal re-ranking of one outside query against a fixed gallery, exactly as
+    :func:`k_reciprocal` re-ranks it over the joint set ``gallery + [query]``, with the
+    gallery's neighbour lists searched once (``prepare``). Adding the query to the joint set
+    changes only the lists it enters (a gallery item whose ``k1``-th neighbour it beats): the
+    reciprocal sets, encodings and local expansions are recomputed from those lists, for the
+    points the query's Jaccard distances read."""
+
+    def __init__(self, gallery: np.ndarray, k1: int, k2: int, lambda_: float, shortlist: int,
+                 search):
+        self.g = gallery
+        n = gallery.shape[0]
+        if n <= k1:
+            raise ConfigError(f"k_reciprocal:k1={k1} needs a gallery of more than k1 items; "
+                              f"this one has {n}: lower k1")
+        self.k1, self.k2 = int(k1), int(min(k2, n + 1))
+        self.half = max(1, round(self.k1 / 2)) + 1
+        self.lambda_, self.shortlist, self.search = lambda_, int(shortlist), search
+        # the gallery's own lists: itself first, then its k1 nearest gallery items
+        s, i = search(self.g, self.k1 + 1)  # as k_reciprocal searches the joint set
+        self.nn, self.nn_s = i.astype(np.int64), s
+        # Python lists and the membership sets of both widths, for the per-query loops
+        self.rows = self.nn.tolist()
+        self.sets = {w: [set(r[:w]) for r in self.rows] for w in (self.k1 + 1, self.half)}
+
+    def rank(self, q: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        n, k1 = self.g.shape[0], self.k1
+        me = n  # the query's row in the joint set
+        scores = self.g @ q
+        # lists the query enters: it beats their last (k1-th) neighbour
+        entered = np.flatnonzero(scores > self.nn_s[:, k1])
+        lists: dict[int, list[int]] = {}
+        for j in entered.tolist():
+            at = int(np.searchsorted(-self.nn_s[j, 1:], -scores[j], side="right")) + 1
+            lists[j] = [*self.rows[j][:at], me, *self.rows[j][at:k1]]
+        want = min(max(k1, self.shortlist, depth), n)
+        part = np.argpartition(-scores, want - 1)[:want] if want < n else np.arange(n)
+        top = part[np.argsort(-scores[part], kind="stable")]
+        lists[me] = [me, *top[:k1].tolist()]
+        changed_sets: dict[tuple[int, int], set[int]] = {}
+
+        def vec(p: int) -> np.ndarray:
+            return q if p == me else self.g[p]
+
+        def neighbours(p: int, width: int) -> list[int]:
+            return lists[p][:width] if p in lists else self.rows[p][:width]
+
+        def holds(c: int, p: int, width: int) -> bool:
+            """Whether ``p`` is among the first ``width`` of ``c``'s list."""
+            if c not in lists:
+                return p in self.sets[width][c]
+            key = (c, width)
+            if key not in changed_sets:
+                changed_sets[key] = set(lists[c][:width])
+            return p in changed_sets[key]
+
+        recip_memo: dict[tuple[int, int], list[int]] = {}
+
+        def reciprocal(p: int, width: int) -> list[int]:
+            key = (p, width)
+            if key not in recip_memo:
+                recip_memo[key] = [c for c in neighbours(p, width) if holds(c, p, width)]
+            return recip_memo[key]
+
+        enc_memo: dict[int, dict[int, float]] = {}
+
+        def encode(p: int) -> dict[int, float]:
+            if p not in enc_memo:
+                members = set(reciprocal(p, k1 + 1))
+                expanded = set(members)
+                for c in reciprocal(p, k1 + 1):
+                    cand = reciprocal(c, self.half)
+                    if cand and len(members.intersection(cand)) > 2 / 3 * len(cand):
+                        expanded.update(cand)
+                ex = np.fromiter(expanded, np.int64)
+                d = (1.0 - np.stack([vec(int(x)) for x in ex]) @ vec(p)) / 2.0
+                w = np.exp(-d)
+                enc_memo[p] = dict(zip(ex.tolist(), (w / w.sum()).tolist()))
+            return enc_memo[p]
+
+        def expanded_encoding(p: int) -> dict[int, float]:
+            if self.k2 <= 1:
+                return encode(p)
+            out: dict[int, float] = {}
+            for x in neighbours(p, self.k2):
+                for key, value in encode(x).items():
+                    out[key] = out.get(key, 0.0) + value / self.k2
+            return out
+
+        short = max(self.shortlist, depth)
+        cand, cos = top[:short], scores[top[:short]]
+        vq = expanded_encoding(me)
+        final = np.empty(cand.size)
+        for i, c in enumerate(cand.tolist()):
+            vc = expanded_encoding(c)
+            inter = sum(min(value, vq[key]) for key, value in vc.items() if key in vq)
+            final[i] = (1.0 - self.lambda_) * (1.0 - inter / max(2.0 - inter, 1e-12)) \
+                + self.lambda_ * (1.0 - cos[i]) / 2.0
+        order = np.argsort(final, kind="stable")[:depth]
+        return cand[order], (-final[order]).astype(np.float32)
 
 
 class IndexReranker:
     """Re-ranking of outside queries against a fixed gallery (a served index), its gallery-side
     work done once: ``alpha_qe`` expands each query over the gallery, ``dba`` searches the
-    augmented gallery (built here, once). ``k_reciprocal`` re-encodes the joint set of queries
-    and gallery for every query batch (a whole-gallery neighbour search each time), so it is
-    for evaluation only and refused here. ``search`` equals :func:`rerank` with no query in
-    the gallery."""
+    augmented gallery (built here, once), ``k_reciprocal`` keeps the gallery's neighbour lists
+    and re-ranks each query over ``gallery + [query]`` (:class:`_OneQueryReciprocal`: each
+    query on its own, as a served query is). ``search`` equals :func:`rerank` with each query
+    alone and not in the gallery."""
 
     def __init__(self, spec: str, gallery: np.ndarray):
         self.name, self.params = parse_served(spec)
         self.gallery = np.ascontiguousarray(gallery, dtype=np.float32)
         self._gallery_search = searcher(self.gallery)
         self.searched, self._search = self.gallery, self._gallery_search
+        self._reciprocal = None
         if self.name == "dba":
             n, alpha = self.params["n"], self.params["alpha"]
             ids, s = knn(self.gallery, self.gallery, n, np.arange(self.gallery.shape[0]),
                          self._gallery_search)
             self.searched = _expand(self.gallery, self.gallery, ids, s, alpha)
             self._search = searcher(self.searched)
+        if self.name == "k_reciprocal":
+            self._reciprocal = _OneQueryReciprocal(self.gallery, search=self._gallery_search,
+                                                   **self.params)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         q = np.ascontiguousarray(queries, dtype=np.float32)
+        if self._reciprocal is not None:
+            k = int(min(k, self.gallery.shape[0]))
+            ids = np.empty((q.shape[0], k), np.int64)
+            scores = np.empty((q.shape[0], k), np.float32)
+            for row in range(q.shape[0]):
+                ids[row], scores[row] = self._reciprocal.rank(q[row], k)
+            return ids, scores
         if self.name == "alpha_qe":
             ids, s = knn(q, self.gallery, self.params["n"], search=self._gallery_search)
             q = _expand(q, self.gallery, ids, s, self.params["alpha"])
         return knn(q, self.searched, k, search=self._search)
+
+
 __all__ = ["RERANKERS", "IndexReranker", "Reranker", "check_params", "knn", "parse_rerank",
            "parse_served", "rerank", "searcher"]
