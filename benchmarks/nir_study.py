@@ -12,7 +12,8 @@ Settings:
   b  frozen ImageNet EfficientNet-Lite0 (84 px, features cached once) + MLP head 1280-512-128,
      40 epochs (config omniglot_lite0_pa)
   s  setting a on a CUB-sized training set: 100 drawn background classes (90 train, 10 val),
-     100 epochs, all 659 evaluation classes as test (omniglot_pa + data.train_classes=100)
+     100 epochs, all 659 evaluation classes as test (omniglot_pa + data.train_classes=100);
+     epochs and arms selected on validation MAP@R (R@1 saturates at 100% on 10 classes)
   a512  setting a at model.embedding_dim=512
   f  the paper's regime: ImageNet EfficientNet-Lite0 fine-tuned at its end (the last block and
      the head convolution train on their cached input, 84 px), the release's recipe (lr 1e-5,
@@ -50,8 +51,12 @@ SETTINGS = {
           "title": "frozen EfficientNet-Lite0 (ImageNet) features + MLP head, 84 px"},
     # the paper's small training sets (CUB: 100 training classes): 100 drawn background
     # classes (data.class_seed=0), 10 of them for validation, all 659 evaluation classes as test
-    "s": {"config": "omniglot_pa", "overrides": ["data.train_classes=100", "train.epochs=100"],
-          "title": "small CNN from scratch, 28 px, 100 drawn training classes, 100 epochs"},
+    # 10 validation classes: R@1 reaches 100% within ~20 epochs for every arm, and the first
+    # epoch to reach it would be kept; MAP@R still tells the epochs apart, so it selects here
+    "s": {"config": "omniglot_pa", "overrides": ["data.train_classes=100", "train.epochs=100",
+                                                 "train.selection_metric=map@r"],
+          "title": "small CNN from scratch, 28 px, 100 drawn training classes, 100 epochs, "
+                   "selected on validation MAP@R"},
     # the paper's state-of-the-art rows: setting a at 512 dimensions
     "a512": {"config": "omniglot_pa", "overrides": ["model.embedding_dim=512"],
              "title": "small CNN from scratch, 28 px, 20 epochs, 512-d"},
@@ -164,7 +169,7 @@ def run_arm(setting: str, loss: str, arm: str, seed: int, out: Path, root: Path,
 
 
 def selected(history: list[dict]) -> dict:
-    """The epoch record the run selected (best validation recall@1)."""
+    """The epoch record the run selected (best validation value of its selection metric)."""
     epoch = history[-1].get("selected_epoch") or history[-1]["epoch"]
     return next(h for h in history if h["epoch"] == epoch)
 
