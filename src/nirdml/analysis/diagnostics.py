@@ -192,11 +192,13 @@ def spectral_decay(embeddings, eps: float = EPS, form: str = "release") -> float
 
 
 def numerical_rank(embeddings) -> int:
-    """How many singular values of the normalised matrix exceed ``max(N, D) * machine-eps *
-    s_1`` (``spectral_decay``'s zero rule): the directions the embeddings actually use."""
+    """How many singular values of the normalised matrix exceed ``max(N, D) * float32-eps *
+    s_1``: the directions the embeddings actually use. A network computes them in float32, so
+    a direction it cannot reach (a last layer from F < D features) still carries float32
+    rounding noise, ~1e-7 of ``s_1``, which this threshold does not count."""
     x = normalize_embeddings(embeddings)
     s = singular_values(x)
-    return int(np.sum(s >= max(x.shape) * np.finfo(np.float64).eps * s[0]))
+    return int(np.sum(s >= max(x.shape) * np.finfo(np.float32).eps * s[0]))
 
 
 def density_ratio(embeddings, labels, block: int = BLOCK) -> float:
