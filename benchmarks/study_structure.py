@@ -9,7 +9,7 @@ singular value past the first), the numerical ``rank``, ``pi_density``, ``sigma2
 the numbers are cached in ``structure.json`` beside the run.
 
 Convergence ("as fast or faster than the base proxy loss"): from the run's ``metrics.jsonl``,
-the first epoch whose validation R@1 reaches 95% of the last epoch's.
+the first epoch whose validation R@1 (and MAP@R) reaches 95% of the last epoch's.
 
 Writes ``OUT/structure.md`` and ``OUT/structure.json`` (mean +- std over seeds per arm, the
 paper's table beside them, and whether NIR moved each metric the paper's way).
@@ -60,10 +60,10 @@ def run_structure(folder: Path, splits: list[str]) -> dict:
     return done
 
 
-def epochs_to_95(folder: Path) -> float:
-    """The first epoch whose validation R@1 is at least 95% of the last epoch's."""
+def epochs_to_95(folder: Path, key: str = "val/recall@1") -> float:
+    """The first epoch whose validation ``key`` is at least 95% of the last epoch's."""
     history = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    vals = [(h["epoch"], h["val/recall@1"]) for h in history if "val/recall@1" in h]
+    vals = [(h["epoch"], h[key]) for h in history if key in h]
     if not vals:
         return float("nan")
     final = vals[-1][1]
@@ -95,7 +95,8 @@ def setting_rows(folder: Path, splits: list[str]) -> list[dict]:
             continue
         found = [run_structure(r, splits) for r in runs]
         row = {"arm": arm, "seeds": [int(r.name.rsplit("seed", 1)[1]) for r in runs],
-               "epochs_to_95": mean_std([epochs_to_95(r) for r in runs])}
+               "epochs_to_95": mean_std([epochs_to_95(r) for r in runs]),
+               "epochs_to_95_map": mean_std([epochs_to_95(r, "val/map@r") for r in runs])}
         for split in splits:
             row[split] = {m: mean_std([f[split][m] for f in found]) for m in METRICS}
         rows.append(row)
@@ -119,12 +120,13 @@ def report(out: Path, settings: list[str], loss: str, splits: list[str]) -> str:
         result[setting] = rows
         for split in splits:
             lines += ["", f"## Setting {setting}, {split} split", "",
-                      "| arm | seeds | " + " | ".join(METRICS) + " | epochs to 95% val R@1 |",
-                      "|---" * (3 + len(METRICS)) + "|"]
+                      "| arm | seeds | " + " | ".join(METRICS)
+                      + " | epochs to 95% of final val R@1 | ... of val MAP@R |",
+                      "|---" * (4 + len(METRICS)) + "|"]
             for row in rows:
                 lines.append(f"| {row['arm']} | {len(row['seeds'])} | " + " | ".join(
                     fmt(row[split][m], 1 if m == "rank" else 3) for m in METRICS)
-                    + f" | {fmt(row['epochs_to_95'], 1)} |")
+                    + f" | {fmt(row['epochs_to_95'], 1)} | {fmt(row['epochs_to_95_map'], 1)} |")
             base = next((r for r in rows if r["arm"] == "base"), None)
             if base is not None:
                 for row in rows:
