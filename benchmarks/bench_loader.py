@@ -15,7 +15,9 @@ has) reads every file and makes the model input, in interleaved repeats:
   torchvision v2 directly (the peer);
 * ``decode only``: the PIL decode of the full image (the floor of any pipeline that decodes
   every pixel) and with ``Image.draft`` DCT-domain downscaling to at least 256 px (the floor
-  of one that does not).
+  of one that does not), and TorchCodec's ``decode_jpeg`` of the full image into a uint8
+  tensor (what ``nirdml`` uses for JPEGs it decodes whole, with the ``jpeg`` extra;
+  torchvision's own decoders are deprecated since 0.29).
 
 Printed: images/s of each (median of ``--repeats``), the ratio nirdml / plain, and how many
 such cores feed a ResNet50 bf16 training step on an H100 at ``--gpu-rate`` images/s.
@@ -108,7 +110,16 @@ def decode_floors() -> dict:
             img.load()
             return img.size
 
-    return {"decode full": full, "decode draft>=256": draft}
+    floors = {"decode full": full, "decode draft>=256": draft}
+    try:
+        from torchcodec.decoders import decode_jpeg
+    except ImportError:  # the nirdml[jpeg] extra
+        return floors
+
+    def torchcodec(path):  # libjpeg-turbo into a uint8 tensor, no DCT-domain scaling
+        return decode_jpeg(path, mode="RGB").shape
+
+    return {**floors, "decode torchcodec": torchcodec}
 
 
 def rate(fn, paths: list[str]) -> float:

@@ -164,3 +164,72 @@ def test_a_large_training_jpeg_is_decoded_reduced_and_crops_the_same_region(tmp_
             scale = 2000 / image.size[0]
             got = [v * scale for v in image.info[CROP_KEY]]
         assert got == pytest.approx(list(want), abs=1e-9)
+
+
+# ------------------------------------------------------------ whole JPEGs through TorchCodec
+def _spy_fast_decode(monkeypatch):
+    import nirdml.data.base as base
+
+    calls = []
+    real = base.decode_jpeg_tensor
+
+    def spy(path):
+        out = real(path)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(base, "decode_jpeg_tensor", spy)
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["baseline 4:2:0", "4:4:4", "progressive", "greyscale"])
+def test_a_whole_jpeg_is_decoded_to_a_tensor_with_pils_pixels(tmp_path, monkeypatch, kind):
+    pytest.importorskip("torchcodec")
+    src = Image.open(photo_like(tmp_path / "src.jpg", (333, 251)))
+    path = str(tmp_path / "x.jpg")
+    options = {"4:4:4": {"subsampling": 0}, "progressive": {"progressive": True}}.get(kind, {})
+    (src.convert("L") if kind == "greyscale" else src).save(path, "JPEG", quality=85, **options)
+    calls = _spy_fast_decode(monkeypatch)
+    for train in (False, True):
+        t = build_transforms("rgb", train=train, image_size=224)
+        ds = FileDataset([path], [0], transform=t)
+        with Image.open(path) as image:
+            decoded = image.convert("RGB")
+        torch.manual_seed(3)
+        want = plain_train(decoded) if train else plain_eval(decoded)
+        torch.manual_seed(3)
+        assert torch.equal(ds[0][0], want)
+    assert calls == [True, True]  # the tensor path ran, and gave exactly the PIL path's input
+
+
+def test_jpegs_go_through_pil_where_the_tensor_decoder_does_not_apply(tmp_path, monkeypatch):
+    calls = _spy_fast_decode(monkeypatch)
+    big = photo_like(tmp_path / "big.jpg", (2000, 1500))  # drafted: PIL's reduced decode
+    png = sharp(tmp_path / "x.png", (300, 200), fmt="PNG")
+    t = build_transforms("rgb", train=False, image_size=224)
+    FileDataset([big, png], [0, 1], transform=t)[0]
+    FileDataset([big, png], [0, 1], transform=t)[1]
+    small = photo_like(tmp_path / "small.jpg", (300, 200))
+    FileDataset([small], [0], transform=t, mode="L")[0]  # PIL's own luma conversion
+    FileDataset([small], [0], transform=None, invert=True)[0]
+    assert calls == []
+
+
+def test_without_torchcodec_and_for_a_truncated_jpeg_pil_decodes_as_before(tmp_path,
+                                                                           monkeypatch):
+    import nirdml.data.image_files as files
+
+    path = photo_like(tmp_path / "x.jpg", (300, 200))
+    t = build_transforms("rgb", train=False, image_size=224)
+    with Image.open(path) as image:
+        want = plain_eval(image.convert("RGB"))
+    monkeypatch.setattr(files, "_TORCHCODEC", [None])
+    assert files.decode_jpeg_tensor(path) is None
+    assert torch.equal(FileDataset([path], [0], transform=t)[0][0], want)
+    monkeypatch.undo()
+    data = open(path, "rb").read()
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(data[: len(data) // 2])
+    assert files.decode_jpeg_tensor(str(cut)) is None
+    with pytest.raises(OSError, match="truncated"):
+        FileDataset([str(cut)], [0], transform=t)._read(0)

@@ -167,6 +167,26 @@ class DraftCompose:
 
 
 CROP_KEY = "nirdml.crop"  # PIL ``info`` key of a crop planned before decoding
+CROP_ATTR = "nirdml_crop"  # the same plan on a tensor decoded from that image's file
+
+
+def carry_plan(image, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (the full decode of ``image``'s file by another decoder) with the crop the
+    transform planned on ``image``'s header, if any, so the transform uses that draw."""
+    box = image.info.get(CROP_KEY)
+    if box is not None:
+        setattr(tensor, CROP_ATTR, box)
+    return tensor
+
+
+def _planned_crop(image):
+    """The crop planned before decoding (taken off the image), or None."""
+    if hasattr(image, "info"):
+        return image.info.pop(CROP_KEY, None)
+    box = getattr(image, CROP_ATTR, None)
+    if box is not None:
+        delattr(image, CROP_ATTR)
+    return box
 
 
 class DraftRandomResizedCrop:
@@ -205,7 +225,7 @@ class DraftRandomResizedCrop:
     def __call__(self, image) -> torch.Tensor:
         from torchvision.transforms.v2 import functional as F
 
-        box = image.info.pop(CROP_KEY, None) if hasattr(image, "info") else None
+        box = _planned_crop(image)
         x = F.pil_to_tensor(image) if hasattr(image, "info") else image
         if box is None:
             top, left, h, w = self._draw(x.shape[-1], x.shape[-2])
