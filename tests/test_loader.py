@@ -223,7 +223,7 @@ def test_without_torchcodec_and_for_a_truncated_jpeg_pil_decodes_as_before(tmp_p
     t = build_transforms("rgb", train=False, image_size=224)
     with Image.open(path) as image:
         want = plain_eval(image.convert("RGB"))
-    monkeypatch.setattr(files, "_TORCHCODEC", [None])
+    monkeypatch.setattr(files, "_torchcodec_decode_jpeg", lambda: None)
     assert files.decode_jpeg_tensor(path) is None
     assert torch.equal(FileDataset([path], [0], transform=t)[0][0], want)
     monkeypatch.undo()

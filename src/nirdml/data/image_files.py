@@ -21,6 +21,7 @@ claims more pixels is refused before anything is decoded (:func:`exceeds_pixel_l
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -157,19 +158,15 @@ __all__ = ["IMAGE_EXTENSIONS", "MAX_IMAGE_PIXELS", "apply_pixel_limit", "class_f
            "scan_class_folders", "too_large"]
 
 
-_TORCHCODEC: list = []  # [decode_jpeg or None], resolved on first use
-
-
+@functools.cache
 def _torchcodec_decode_jpeg():
     """TorchCodec's ``decode_jpeg``, or None where it is not installed or does not load (its
-    wheels are built against particular torch versions)."""
-    if not _TORCHCODEC:
-        try:
-            from torchcodec.decoders import decode_jpeg
-        except Exception:  # noqa: BLE001 - ImportError, or a library that fails to load
-            decode_jpeg = None
-        _TORCHCODEC.append(decode_jpeg)
-    return _TORCHCODEC[0]
+    wheels are built against particular torch versions); looked up once."""
+    try:
+        from torchcodec.decoders import decode_jpeg
+    except Exception:  # noqa: BLE001 - ImportError, or a library that fails to load
+        return None
+    return decode_jpeg
 
 
 def decode_jpeg_tensor(path: str):
