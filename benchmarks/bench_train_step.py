@@ -7,7 +7,10 @@ and their ratio are printed last (default arms: the base loss, NIR in the releas
 the setting-a study winner; target: NIR adds at most 20% to the step). On the CPU the flow's
 forward + backward alone is then timed against its matrix products at the same shapes, run
 interleaved in the same process (:func:`flow_gemm_replay`): how close the flow is to what its
-arithmetic costs (target: within 3x). ``--preset resnet50`` measures the paper's step instead
+arithmetic costs (target: within 3x). Last, NIR's floor on this machine: the base step plus
+the flow's matrix products plus its (memory-bound) Adam step, and the GEMM rates at the flow's
+shapes against a large product, float32 and bfloat16 (how close the products already are to
+the machine's limit, and whether a lower precision would help at these shapes). ``--preset resnet50`` measures the paper's step instead
 (ResNet50, 224 px, 100 classes; use ``--device cuda --amp bf16`` on a GPU).
 
     python benchmarks/bench_train_step.py                         # small CNN on the CPU
@@ -162,6 +165,43 @@ def flow_against_gemm(dim: int, batch: int, per_class: int, steps: int = 40
     return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
+def flow_adam_ms(dim: int, steps: int = 40) -> float:
+    """Median ms of one fused Adam step over the paper's flow's parameters (their gradients
+    set): memory-bound work that NIR adds to every step whatever the kernels do."""
+    from nirdml.nir.flow import ConditionalGlowFlow
+
+    flow = ConditionalGlowFlow(dim)
+    for p in flow.parameters():
+        p.grad = torch.randn_like(p)
+    opt = torch.optim.Adam(flow.parameters(), lr=1e-4, fused=True)
+    for _ in range(5):
+        opt.step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def gemm_rates(batch: int, width: int, reps: int = 200) -> dict[str, float]:
+    """GFLOP/s of ``(batch x width) @ (width x width)`` (the flow's hidden layer) and of a
+    2048^3 product (this machine's large-GEMM rate), in float32 and bfloat16."""
+    rates = {}
+    for dtype, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        for m, k, n, name, r in ((batch, width, width, "flow", reps),
+                                 (2048, 2048, 2048, "large", 3)):
+            a = torch.randn(m, k).to(dtype)
+            b = torch.randn(k, n).to(dtype)
+            for _ in range(3):
+                a @ b
+            t0 = time.perf_counter()
+            for _ in range(r):
+                a @ b
+            rates[f"{name} {tag}"] = 2 * m * k * n * r / (time.perf_counter() - t0) / 1e9
+    return rates
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -210,6 +250,19 @@ def main(argv: list[str] | None = None) -> int:
               f"forward + backward: {f['flow']:.2f} ms; its matrix products at the same "
               f"shapes: {f['gemm']:.2f} ms; flow / GEMM = {f['flow'] / f['gemm']:.2f}x "
               f"(target <= 3x)")
+        adam = flow_adam_ms(cfg.model.embedding_dim, args.steps)
+        base = 1000 * med[first]
+        floor = base + f["gemm"] + adam
+        print(f"NIR's floor: the base step + the flow's matrix products + its Adam step "
+              f"({adam:.2f} ms, memory-bound) = {floor:.1f} ms = {floor / base:.3f}x {first}; "
+              + "; ".join(f"{name} {1000 * t - floor:+.1f} ms above it"
+                          for name, t in med.items() if name != first))
+        r = gemm_rates(cfg.data.batch_size, 128)
+        print(f"GEMM rate (GFLOP/s) at the flow's hidden-layer shape ({cfg.data.batch_size} x "
+              f"128 @ 128 x 128): fp32 {r['flow fp32']:.0f}, bf16 {r['flow bf16']:.0f}; at "
+              f"2048^3: fp32 {r['large fp32']:.0f}, bf16 {r['large bf16']:.0f}: the flow's "
+              f"float32 products run at {r['flow fp32'] / r['large fp32']:.0%} of this "
+              f"machine's large-GEMM rate")
     return 0
 
 
