@@ -10,8 +10,9 @@ interleaved in the same process (:func:`flow_gemm_replay`): how close the flow i
 arithmetic costs (target: within 3x). Last, NIR's floor on this machine: the base step plus
 the flow's matrix products plus its (memory-bound) Adam step, and the GEMM rates at the flow's
 shapes against a large product, float32 and bfloat16 (how close the products already are to
-the machine's limit, and whether a lower precision would help at these shapes). ``--preset resnet50`` measures the paper's step instead
-(ResNet50, 224 px, 100 classes; use ``--device cuda --amp bf16`` on a GPU).
+the machine's limit, and whether a lower precision would help at these shapes).
+``--preset resnet50`` measures the paper's step instead (ResNet50, 224 px, 100 classes; use
+``--device cuda --amp bf16`` on a GPU).
 
     python benchmarks/bench_train_step.py                         # small CNN on the CPU
     python benchmarks/bench_train_step.py --preset resnet50 --device cuda --amp bf16
