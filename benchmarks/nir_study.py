@@ -168,6 +168,26 @@ def run_arm(setting: str, loss: str, arm: str, seed: int, out: Path, root: Path,
     return {"final": json.loads(final_path.read_text()), "history": history}
 
 
+def with_earlier_arms(results: dict[str, list[dict]], table: Path, args, seeds: list[int]
+                      ) -> dict[str, list[dict]]:
+    """``results`` plus the arms of the phase's earlier table (``table``) that this invocation
+    did not run and whose runs at these seeds have all finished (read back, not retrained),
+    in the earlier table's order: running one more arm adds a row instead of replacing the
+    table."""
+    if not table.exists():
+        return results
+    runs = table.parent / "runs"
+    merged: dict[str, list[dict]] = {}
+    for row in json.loads(table.read_text()):
+        arm = row.get("arm")
+        if arm in results or arm is None:
+            continue
+        if all((runs / f"{slug(arm)}-seed{seed}" / "final.json").exists() for seed in seeds):
+            merged[arm] = [run_arm(args.setting, args.loss, arm, seed, args.out, args.root,
+                                   args.extra) for seed in seeds]
+    return {**merged, **results}
+
+
 def selected(history: list[dict]) -> dict:
     """The epoch record the run selected (best validation value of its selection metric)."""
     epoch = history[-1].get("selected_epoch") or history[-1]["epoch"]
@@ -326,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{arm} seed {seed}: val R@1 {100 * sel.get('val/recall@1', float('nan')):.2f}"
                   f"{shown} ({time.time() - t0:.0f}s)", flush=True)
     folder = args.out / args.setting / args.loss
+    results = with_earlier_arms(results, folder / f"{args.phase}.json", args, seeds)
     header = (f"Omniglot, setting {args.setting} ({SETTINGS[args.setting]['title']}), "
               f"{args.loss}, seeds {seeds}, phase {args.phase}, overrides "
               f"{args.extra or 'none'}; torch {torch.__version__}; {time.time() - start:.0f}s")
