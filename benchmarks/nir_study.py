@@ -173,8 +173,8 @@ def with_earlier_arms(results: dict[str, list[dict]], table: Path, args, seeds: 
     """``results`` plus the arms of the phase's earlier table (``table``) that this invocation
     did not run and whose runs at these seeds have all finished (read back, not retrained),
     in the earlier table's order: running one more arm adds a row instead of replacing the
-    table."""
-    if not table.exists():
+    table. Not with ``--set`` overrides: the earlier runs may have trained without them."""
+    if not table.exists() or args.extra:
         return results
     runs = table.parent / "runs"
     merged: dict[str, list[dict]] = {}

@@ -39,3 +39,5 @@ def test_earlier_arms_are_read_back_not_retrained_and_unfinished_ones_left_out(t
     assert [r["final"]["recall@1"] for r in merged["base"]] == [0.51, 0.52]
     assert merged["release"] is new["release"]  # this invocation's runs win
     assert mod.with_earlier_arms(new, tmp_path / "none.json", args, [1, 2]) is new
+    args.extra = ["optim.weight_decay=0"]  # runs trained otherwise are not mixed in
+    assert mod.with_earlier_arms(new, table, args, [1, 2]) is new
