@@ -103,3 +103,14 @@ def need_shared(relative: str) -> Path:
             pytest.fail(f"{path} is missing in CI (../shared must sit beside the checkout)")
         pytest.skip(f"{path} is not present")
     return path
+
+
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` imported as a module (the scripts are not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

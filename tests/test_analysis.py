@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from conftest import load_benchmark
 from nirdml.analysis import (
     analyze,
     cluster_size_variance,
@@ -498,18 +499,12 @@ def test_study_structure_script_measures_the_runs_of_a_study_folder(tmp_path):
     """benchmarks/study_structure.py on a one-arm study of two digits runs: the cached
     structure numbers equal structure_report on the checkpoint's test embeddings, and the
     convergence epoch is read from metrics.jsonl."""
-    import importlib.util
-    from pathlib import Path
-
     from nirdml.analysis.diagnostics import structure_report
     from nirdml.inference import TrainedRun
     from nirdml.training import Trainer
     from nirdml.training.config import load_config
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "study_structure.py"
-    spec = importlib.util.spec_from_file_location("study_structure", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("study_structure")
     folder = tmp_path / "x" / "proxy_anchor"
     for seed in (1, 2):
         cfg = load_config("digits", [f"seed={seed}", "train.epochs=3", "train.progress=false",

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import load_benchmark
 from nirdml.cli import main
 from nirdml.data import class_folds
 from nirdml.errors import ConfigError
@@ -179,14 +180,7 @@ def test_crossval_completes_resumes_after_an_interruption_and_reuses_finished_fo
 
 
 def _benchmark():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "baselines.py"
-    spec = importlib.util.spec_from_file_location("baselines_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("baselines")
 
 
 def test_every_loss_has_an_omniglot_config_in_the_benchmark():

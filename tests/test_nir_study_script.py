@@ -1,17 +1,10 @@
 """benchmarks/nir_study.py: a test phase run for one more arm keeps the earlier arms' rows."""
 
-import importlib.util
 import json
 from pathlib import Path
 from types import SimpleNamespace
 
-
-def _load():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "nir_study.py"
-    spec = importlib.util.spec_from_file_location("nir_study", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from conftest import load_benchmark
 
 
 def _finished(runs: Path, arm_slug: str, seed: int, r1: float) -> None:
@@ -22,7 +15,7 @@ def _finished(runs: Path, arm_slug: str, seed: int, r1: float) -> None:
 
 
 def test_earlier_arms_are_read_back_not_retrained_and_unfinished_ones_left_out(tmp_path):
-    mod = _load()
+    mod = load_benchmark("nir_study")
     folder = tmp_path / "f" / "proxy_anchor"
     runs = folder / "runs"
     for seed in (1, 2):
