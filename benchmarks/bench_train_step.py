@@ -10,7 +10,9 @@ interleaved in the same process (:func:`flow_gemm_replay`): how close the flow i
 arithmetic costs (target: within 3x). Last, NIR's floor on this machine: the base step plus
 the flow's matrix products plus its (memory-bound) Adam step, and the GEMM rates at the flow's
 shapes against a large product, float32 and bfloat16 (how close the products already are to
-the machine's limit, and whether a lower precision would help at these shapes).
+the machine's limit, and whether a lower precision would help at these shapes). On the CPU the
+benchmark keeps freed memory as training does (``nirdml.training.host_memory``) and prints
+each arm's page faults per step; ``--default-malloc`` shows what glibc's defaults cost.
 ``--preset resnet50`` measures the paper's step instead (ResNet50, 224 px, 100 classes; use
 ``--device cuda --amp bf16`` on a GPU).
 
@@ -23,6 +25,7 @@ the machine's limit, and whether a lower precision would help at these shapes).
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import time
 
@@ -65,9 +68,11 @@ def make_step(cfg, model, criterion, optimizer, x, y, device, amp):
 
 def interleaved_medians(preset_name: str, arms: dict[str, list[str]], device: torch.device,
                         amp: str = "none", steps: int = 30, warmup: int = 3,
-                        extra: list[str] | None = None) -> dict[str, float]:
+                        extra: list[str] | None = None, faults: dict | None = None
+                        ) -> dict[str, float]:
     """Median seconds per full training step of each arm (name -> config overrides), the arms
-    stepped in turn (A, B, C, A, B, C, ...) on the same synthetic batch."""
+    stepped in turn (A, B, C, A, B, C, ...) on the same synthetic batch; ``faults``, if
+    given, receives each arm's minor page faults per step (the kernel's count)."""
     preset = PRESETS[preset_name]
     steps_by_arm = {}
     for name, overrides in arms.items():
@@ -83,11 +88,16 @@ def interleaved_medians(preset_name: str, arms: dict[str, list[str]], device: to
         for _ in range(warmup):
             step()
     times: dict[str, list[float]] = {name: [] for name in steps_by_arm}
+    minflt = dict.fromkeys(steps_by_arm, 0)
     for _ in range(steps):
         for name, step in steps_by_arm.items():
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - t0)
+            minflt[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+    if faults is not None:
+        faults.update({name: n / steps for name, n in minflt.items()})
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -218,8 +228,16 @@ def main(argv: list[str] | None = None) -> int:
                         "e.g. --arm 'disc=loss.nir.enabled=true,loss.nir.mode=disc'")
     p.add_argument("--no-flow", action="store_true",
                    help="skip the flow-against-its-GEMM-time measurement (CPU only)")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's malloc thresholds alone (training on the CPU sets them: "
+                        "nirdml.training.host_memory), to see the page faults they avoid")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    kept = False
+    if device.type == "cpu" and not args.default_malloc:
+        from nirdml.training.host_memory import keep_freed_memory
+
+        kept = keep_freed_memory()  # as the trainer does on the CPU
     arms = {"base": ["loss.nir.enabled=false"],
             "+ NIR release": ["loss.nir.enabled=true"],
             # the setting-a winner after its flow warm-up (set_epoch is not called here)
@@ -231,16 +249,19 @@ def main(argv: list[str] | None = None) -> int:
         for spec in args.arms:
             name, _, overrides = spec.partition("=")
             arms[name] = [o for o in overrides.split(",") if o]
+    faults: dict[str, float] = {}
     med = interleaved_medians(args.preset, arms, device, args.amp, args.steps, args.warmup,
-                              args.extra)
+                              args.extra, faults)
     preset = PRESETS[args.preset]
     label = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"CPU, {torch.get_num_threads()} threads")
-    print(f"{args.preset} step ({preset['config']}, amp {args.amp}) on {label}; median of "
-          f"{args.steps} interleaved steps")
+    malloc = "freed memory kept" if kept else "default malloc"
+    print(f"{args.preset} step ({preset['config']}, amp {args.amp}) on {label}, {malloc}; "
+          f"median of {args.steps} interleaved steps")
     first = next(iter(med))
     for name, t in med.items():
-        print(f"  {name:24s} {1000 * t:8.1f} ms/step  {t / med[first]:6.3f}x {first}")
+        print(f"  {name:24s} {1000 * t:8.1f} ms/step  {t / med[first]:6.3f}x {first}  "
+              f"{faults[name]:8.0f} page faults/step")
     if device.type == "cpu" and not args.no_flow:
         from nirdml.training.config import load_config
 

@@ -340,6 +340,22 @@ def test_workspaces_are_reused_not_leaked(monkeypatch):
     assert len(created) == 2
 
 
+def test_parameter_views_follow_a_replaced_tensor():
+    # the fused pass keeps views of the parameters between passes; a parameter given a new
+    # tensor (``.data = ...``, not an in-place update) must be read from its new storage
+    torch.manual_seed(0)
+    fused = ConditionalGlowFlow(6, subnet_width=8, subnet_depth=4).double()
+    plain = ConditionalGlowFlow(6, subnet_width=8, subnet_depth=4, fused=False).double()
+    x, cond = _batch(6)
+    fused.nll(x, cond)
+    for p in (fused.w_hidden[3], fused.b_out[0], fused.w_in[5]):
+        p.data = torch.randn_like(p)
+    with torch.no_grad():
+        fused.w_out[2].mul_(2.0)  # in place: the same storage
+    plain.load_state_dict(fused.state_dict())
+    torch.testing.assert_close(fused.nll(x, cond), plain.nll(x, cond), rtol=1e-12, atol=1e-12)
+
+
 def test_distinct_conditions_take_the_plain_condition_path():
     from nirdml.nir._fused import distinct_rows
 

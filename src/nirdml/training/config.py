@@ -173,6 +173,7 @@ class TrainConfig:
     deterministic: bool = False
     probe_classes: int = 64
     probe_per_class: int = 4
+    keep_host_memory: bool = True
 
 
 @dataclass

@@ -29,6 +29,7 @@ from nirdml.training import builders
 from nirdml.training.checkpoint import TRAINER_KEYS, load_checkpoint, save_checkpoint
 from nirdml.training.config import Config, load_config
 from nirdml.training.distributed import DistContext
+from nirdml.training.host_memory import keep_freed_memory
 from nirdml.training.epoch_stats import EpochStats
 from nirdml.training.loader import ResilientBatches
 from nirdml.training.resume import check_resume_config
@@ -65,6 +66,8 @@ class Trainer:
             config.train.device)
         if self.device.type != "cuda" and config.train.amp == "fp16":
             raise ConfigError("train.amp=fp16 needs CUDA; use train.amp=bf16 or none on the CPU")
+        if self.device.type == "cpu" and config.train.keep_host_memory:
+            keep_freed_memory()  # no page faults on each step's buffers (training.host_memory)
         # a fresh start that fails before its first checkpoint leaves nothing behind
         self._discard_on_failure = self.dist.is_main and not resume
         self._made_folder = not self.run_dir.root.exists()
