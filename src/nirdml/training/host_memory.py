@@ -5,8 +5,8 @@ glibc's malloc serves large requests with fresh ``mmap`` regions (above a thresh
 up to 32 MiB) and hands the free top of its heap back to the kernel (above a trim threshold).
 A training step on the CPU allocates and frees the same tens of megabytes every step, so
 depending on the order of those requests the kernel zero-fills them again each step: on the
-small CNN at batch 90 (``benchmarks/bench_train_step.py``), 12,000-17,000 minor page faults and
-about 40% of the base step's time, in some processes and not in others.
+small CNN at batch 90 (``benchmarks/bench_train_step.py``), 6,500-17,000 minor page faults a
+step, which made the step 77-103 ms instead of 69 ms.
 :func:`keep_freed_memory` fixes both thresholds high (``mallopt``), so freed buffers are reused:
 the process keeps up to its peak heap (plus :data:`TRIM_THRESHOLD`) instead of returning it.
 
