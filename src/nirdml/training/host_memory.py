@@ -8,7 +8,8 @@ depending on the order of those requests the kernel zero-fills them again each s
 small CNN at batch 90 (``benchmarks/bench_train_step.py``), 6,500-17,000 minor page faults a
 step, which made the step 77-103 ms instead of 69 ms.
 :func:`keep_freed_memory` fixes both thresholds high (``mallopt``), so freed buffers are reused:
-the process keeps up to its peak heap (plus :data:`TRIM_THRESHOLD`) instead of returning it.
+the process keeps up to its peak heap (plus :data:`TRIM_THRESHOLD`) instead of returning it
+(a 1-epoch Omniglot NIR run: peak RSS 1.71 GB instead of 1.38 GB, 24 s instead of 32 s).
 
 No library does this (PyTorch's tuning guide suggests preloading jemalloc or tcmalloc, which
 a ``pip install`` cannot do); it is one libc call, a no-op off glibc.
