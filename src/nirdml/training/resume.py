@@ -19,7 +19,7 @@ from nirdml.training.config import Config
 RESUMABLE_CHANGES = frozenset({
     "train.epochs", "train.device", "train.progress", "train.tensorboard", "train.wandb",
     "train.wandb_project", "data.root", "data.num_workers", "data.eval_batch_size",
-    "data.feature_cache",
+    "data.feature_cache", "train.keep_host_memory",
 })
 
 
