@@ -29,8 +29,8 @@ from nirdml.training import builders
 from nirdml.training.checkpoint import TRAINER_KEYS, load_checkpoint, save_checkpoint
 from nirdml.training.config import Config, load_config
 from nirdml.training.distributed import DistContext
-from nirdml.training.host_memory import keep_freed_memory
 from nirdml.training.epoch_stats import EpochStats
+from nirdml.training.host_memory import keep_freed_memory
 from nirdml.training.loader import ResilientBatches
 from nirdml.training.resume import check_resume_config
 from nirdml.training.run_dir import RunDir
