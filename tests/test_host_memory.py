@@ -16,7 +16,7 @@ _SCRIPT = """
 import resource, sys, torch
 from nirdml.training.host_memory import keep_freed_memory
 def faults_per_round(rounds=6):
-    for _ in range(3):  # the heap grows to hold it first
+    for _ in range(15):  # the heap grows to hold it first (a few rounds; then a steady state)
         torch.empty(12 << 20).fill_(1.0)
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(rounds):
