@@ -11,8 +11,9 @@ step, which made the step 77-103 ms instead of 69 ms.
 the process keeps up to its peak heap (plus :data:`TRIM_THRESHOLD`) instead of returning it
 (a 1-epoch Omniglot NIR run: peak RSS 1.71 GB instead of 1.38 GB, 24 s instead of 32 s).
 
-No library does this (PyTorch's tuning guide suggests preloading jemalloc or tcmalloc, which
-a ``pip install`` cannot do); it is one libc call, a no-op off glibc.
+Written here rather than taken from a library: PyTorch's CPU tuning guide suggests preloading
+jemalloc or tcmalloc, which a ``pip install`` cannot do; this is one libc call, a no-op off
+glibc.
 """
 
 from __future__ import annotations
