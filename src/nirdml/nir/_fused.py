@@ -192,7 +192,8 @@ class WorkspacePool:
 
 class _Lease:
     """Gives a workspace back to its pool when the autograd node holding it is freed (after
-    the last backward through the graph, or when the graph is dropped unused)."""
+    the last backward through the graph, or when the graph is dropped unused); ``pool=None``
+    for a workspace that belongs to a captured CUDA graph."""
 
     __slots__ = ("pool", "ws")
 
@@ -200,6 +201,8 @@ class _Lease:
         self.pool, self.ws = pool, ws
 
     def __del__(self):
+        if self.pool is None:  # a captured pass's workspace: the graph keeps it
+            return
         try:
             self.pool.give(self.ws)
         except Exception:  # interpreter shutdown: nothing left to reuse it
@@ -225,7 +228,11 @@ class FusedFlow(torch.autograd.Function):
         nh = plan.depth - 2
         l1 = plan.split[0]
         bsz, dim = x.shape
-        ws = pool.take(plan, bsz, dim, x.dtype, x.device)
+        # a pass captured into a CUDA graph (``nirdml.nir.graphs``) gets a workspace of its own
+        # from the graph's memory pool, never shared: the graph's replays write to it
+        captured = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        ws = (_Workspace(plan, bsz, dim, x.dtype, x.device) if captured
+              else pool.take(plan, bsz, dim, x.dtype, x.device))
         pv = pool.views(plan, perms, inv_perms, in_bias, rest)
         cp = None if cpart is None else cpart.view(bsz, -1, width).unbind(1)
         # C * (0.636 * atan(u)) as one multiplication by C * 0.636: bitwise the same for a
@@ -262,13 +269,13 @@ class FusedFlow(torch.autograd.Function):
         log_det = ws.scales.sum(1)
 
         if track:  # a backward will follow (grad mode on and something requires grad)
-            ctx.plan, ctx.views, ctx.lease = plan, pv, _Lease(pool, ws)
+            ctx.plan, ctx.views, ctx.lease = plan, pv, _Lease(None if captured else pool, ws)
             # the weights and z for autograd's version check: an in-place change of either
             # before backward (the last block's y1 is a view of z) must raise, not corrupt it
             ctx.save_for_backward(*rest[:n_sub], *rest[n_sub:2 * n_sub],
                                   *rest[3 * n_sub:4 * n_sub], z)
             ctx.has_cpart = cpart is not None
-        else:
+        elif not captured:
             pool.give(ws)
         return z, log_det
 
