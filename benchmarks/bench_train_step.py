@@ -11,7 +11,7 @@ arithmetic costs (target: within 3x). Last, NIR's floor on this machine: the bas
 the flow's matrix products plus its (memory-bound) Adam step, and the GEMM rates at the flow's
 shapes against a large product, float32 and bfloat16 (how close the products already are to
 the machine's limit, and whether a lower precision would help at these shapes). On the CPU the
-benchmark keeps freed memory as training does (``nirdml.training.host_memory``) and prints
+benchmark keeps freed memory as training does (``nirdml.host_memory``) and prints
 each arm's page faults per step; ``--default-malloc`` shows what glibc's defaults cost.
 ``--preset resnet50`` measures the paper's step instead (ResNet50, 224 px, 100 classes; use
 ``--device cuda --amp bf16`` on a GPU).
@@ -230,12 +230,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="skip the flow-against-its-GEMM-time measurement (CPU only)")
     p.add_argument("--default-malloc", action="store_true",
                    help="leave glibc's malloc thresholds alone (training on the CPU sets them: "
-                        "nirdml.training.host_memory), to see the page faults they avoid")
+                        "nirdml.host_memory), to see the page faults they avoid")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     kept = False
     if device.type == "cpu" and not args.default_malloc:
-        from nirdml.training.host_memory import keep_freed_memory
+        from nirdml.host_memory import keep_freed_memory
 
         kept = keep_freed_memory()  # as the trainer does on the CPU
     arms = {"base": ["loss.nir.enabled=false"],

@@ -1,4 +1,4 @@
-"""nirdml.training.host_memory: freed buffers are reused instead of page-faulted in again."""
+"""nirdml.host_memory: freed buffers are reused instead of page-faulted in again."""
 
 import platform
 import subprocess
@@ -14,7 +14,7 @@ glibc = pytest.mark.skipif(
 # and freed in a loop: the kernel's count of minor page faults per round, before and after.
 _SCRIPT = """
 import resource, sys, torch
-from nirdml.training.host_memory import keep_freed_memory
+from nirdml.host_memory import keep_freed_memory
 def faults_per_round(rounds=6):
     for _ in range(15):  # the heap grows to hold it first (a few rounds; then a steady state)
         torch.empty(12 << 20).fill_(1.0)
@@ -51,4 +51,22 @@ def test_training_on_the_cpu_keeps_freed_memory_unless_turned_off(tmp_path, monk
     assert calls == [1]
     trainer_mod.Trainer(load_config("digits", [*base, "train.keep_host_memory=false"]),
                         tmp_path / "b")
+    assert calls == [1]
+
+
+def test_commands_keep_freed_memory_and_trainings_leave_it_to_their_config(tmp_path,
+                                                                           monkeypatch):
+    import numpy as np
+
+    import nirdml.cli as cli
+
+    calls = []
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(1) or True)
+    g = np.random.default_rng(0)
+    path = tmp_path / "e.npz"
+    np.savez(path, embeddings=g.normal(size=(40, 8)).astype("float32"),
+             labels=np.repeat(np.arange(10), 4))
+    assert cli.main(["evaluate", "--embeddings", str(path), "--metrics", "recall"]) == 0
+    assert calls == [1]
+    assert cli.main(["train", "--config", "no-such-config"]) == 2  # a config error, no call
     assert calls == [1]

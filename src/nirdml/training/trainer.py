@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from nirdml.errors import ConfigError, InputError, NirdmlError, TrainingError
+from nirdml.host_memory import keep_freed_memory
 from nirdml.inference.embed import embed_dataset
 from nirdml.nir.monitor import flow_state
 from nirdml.training import builders
@@ -30,7 +31,6 @@ from nirdml.training.checkpoint import TRAINER_KEYS, load_checkpoint, save_check
 from nirdml.training.config import Config, load_config
 from nirdml.training.distributed import DistContext
 from nirdml.training.epoch_stats import EpochStats
-from nirdml.training.host_memory import keep_freed_memory
 from nirdml.training.loader import ResilientBatches
 from nirdml.training.resume import check_resume_config
 from nirdml.training.run_dir import RunDir
@@ -67,7 +67,7 @@ class Trainer:
         if self.device.type != "cuda" and config.train.amp == "fp16":
             raise ConfigError("train.amp=fp16 needs CUDA; use train.amp=bf16 or none on the CPU")
         if self.device.type == "cpu" and config.train.keep_host_memory:
-            keep_freed_memory()  # no page faults on each step's buffers (training.host_memory)
+            keep_freed_memory()  # no page faults on each step's buffers (host_memory)
         # a fresh start that fails before its first checkpoint leaves nothing behind
         self._discard_on_failure = self.dist.is_main and not resume
         self._made_folder = not self.run_dir.root.exists()

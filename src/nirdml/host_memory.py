@@ -1,5 +1,5 @@
-"""Keep freed host memory in the process, so that a CPU training step does not page-fault its
-buffers in again every step.
+"""Keep freed host memory in the process, so that work repeated on the CPU (a training step, a
+batch of embeddings) does not page-fault its buffers in again each time.
 
 glibc's malloc serves large requests with fresh ``mmap`` regions (above a threshold it adapts
 up to 32 MiB) and hands the free top of its heap back to the kernel (above a trim threshold).
@@ -10,6 +10,8 @@ step, which made the step 77-103 ms instead of 69 ms.
 :func:`keep_freed_memory` fixes both thresholds high (``mallopt``), so freed buffers are reused:
 the process keeps up to its peak heap (plus :data:`TRIM_THRESHOLD`) instead of returning it
 (a 1-epoch Omniglot NIR run: peak RSS 1.71 GB instead of 1.38 GB, 24 s instead of 32 s).
+The trainer calls it on the CPU (``train.keep_host_memory``), the ``nirdml`` commands that do
+not train call it always (``nirdml.cli``); a library user calls it where it suits them.
 
 Written here rather than taken from a library: PyTorch's CPU tuning guide suggests preloading
 jemalloc or tcmalloc, which a ``pip install`` cannot do; this is one libc call, a no-op off
