@@ -53,20 +53,3 @@ def test_training_on_the_cpu_keeps_freed_memory_unless_turned_off(tmp_path, monk
                         tmp_path / "b")
     assert calls == [1]
 
-
-def test_commands_keep_freed_memory_and_trainings_leave_it_to_their_config(tmp_path,
-                                                                           monkeypatch):
-    import numpy as np
-
-    import nirdml.cli as cli
-
-    calls = []
-    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(1) or True)
-    g = np.random.default_rng(0)
-    path = tmp_path / "e.npz"
-    np.savez(path, embeddings=g.normal(size=(40, 8)).astype("float32"),
-             labels=np.repeat(np.arange(10), 4))
-    assert cli.main(["evaluate", "--embeddings", str(path), "--metrics", "recall"]) == 0
-    assert calls == [1]
-    assert cli.main(["train", "--config", "no-such-config"]) == 2  # a config error, no call
-    assert calls == [1]

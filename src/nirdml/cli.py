@@ -14,15 +14,9 @@ import sys
 
 from nirdml import __version__
 from nirdml.errors import NirdmlError
-from nirdml.host_memory import keep_freed_memory
 
 COMMANDS = ("train", "crossval", "tune", "evaluate", "embed", "analyze", "index", "search",
             "serve", "export", "report", "upgrade-checkpoint")
-#: commands whose trainings read ``train.keep_host_memory`` from their config; every other
-#: command keeps freed host memory (:mod:`nirdml.host_memory`): embedding a dataset batch by
-#: batch on the CPU page-faults each batch's buffers in again otherwise (``nirdml evaluate``
-#: of an Omniglot checkpoint: 3.0M faults and 14.4-15.1 s, against 0.29M and 9.2 s)
-TRAINING_COMMANDS = ("train", "crossval", "tune")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -70,8 +64,6 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 0 if args.command is None else 2
-    if args.command not in TRAINING_COMMANDS:
-        keep_freed_memory()
     try:
         return int(args._run(args) or 0)
     except NirdmlError as exc:

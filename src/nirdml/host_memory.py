@@ -10,8 +10,9 @@ step, which made the step 77-103 ms instead of 69 ms.
 :func:`keep_freed_memory` fixes both thresholds high (``mallopt``), so freed buffers are reused:
 the process keeps up to its peak heap (plus :data:`TRIM_THRESHOLD`) instead of returning it
 (a 1-epoch Omniglot NIR run: peak RSS 1.71 GB instead of 1.38 GB, 24 s instead of 32 s).
-The trainer calls it on the CPU (``train.keep_host_memory``), the ``nirdml`` commands that do
-not train call it always (``nirdml.cli``); a library user calls it where it suits them.
+The trainer calls it on the CPU (``train.keep_host_memory``); the one-off commands do not (for
+``nirdml evaluate`` of an Omniglot checkpoint it saves 5 of 15 s but raises peak RSS from 1.28
+to 1.97 GB); a library user calls it where it suits them.
 
 Written here rather than taken from a library: PyTorch's CPU tuning guide suggests preloading
 jemalloc or tcmalloc, which a ``pip install`` cannot do; this is one libc call, a no-op off
