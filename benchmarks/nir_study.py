@@ -147,6 +147,11 @@ def slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in ".-" else "_" for c in text).strip("_")
 
 
+def run_folder(out: Path, setting: str, loss: str, arm: str, seed: int) -> Path:
+    """Where the run of ``arm`` at ``seed`` lives (its ``final.json`` once it has finished)."""
+    return out / setting / loss / "runs" / f"{slug(arm)}-seed{seed}"
+
+
 def run_arm(setting: str, loss: str, arm: str, seed: int, out: Path, root: Path,
             extra: list[str]) -> dict:
     """Train (or reuse) one run; return its final test metrics, per-epoch history, config."""
@@ -156,7 +161,7 @@ def run_arm(setting: str, loss: str, arm: str, seed: int, out: Path, root: Path,
     name, overrides = parse_arm(arm)
     if name != "base" and ("loss.nir.enabled=true" in overrides or name == "control"):
         overrides = [*SETTINGS[setting].get("nir_protocol", []), *overrides]
-    folder = out / setting / loss / "runs" / f"{slug(arm)}-seed{seed}"
+    folder = run_folder(out, setting, loss, arm, seed)
     final_path = folder / "final.json"
     if not final_path.exists():
         cfg = load_config(SETTINGS[setting]["config"], [
@@ -176,13 +181,13 @@ def with_earlier_arms(results: dict[str, list[dict]], table: Path, args, seeds: 
     table. Not with ``--set`` overrides: the earlier runs may have trained without them."""
     if not table.exists() or args.extra:
         return results
-    runs = table.parent / "runs"
     merged: dict[str, list[dict]] = {}
     for row in json.loads(table.read_text()):
         arm = row.get("arm")
         if arm in results or arm is None:
             continue
-        if all((runs / f"{slug(arm)}-seed{seed}" / "final.json").exists() for seed in seeds):
+        if all((run_folder(args.out, args.setting, args.loss, arm, seed) / "final.json").exists()
+               for seed in seeds):
             merged[arm] = [run_arm(args.setting, args.loss, arm, seed, args.out, args.root,
                                    args.extra) for seed in seeds]
     return {**merged, **results}
